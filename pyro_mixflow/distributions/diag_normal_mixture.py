@@ -47,12 +47,15 @@ class DiagNormalMixture(TorchDistribution):
         validate_args: Check parameters and values (torch's default when ``None``).
 
     Example:
-        >>> locs = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
-        >>> d = DiagNormalMixture(locs, torch.ones(2, 2), logits=torch.zeros(2))
-        >>> x = d.rsample((5,))
-        >>> x.shape, d.log_prob(x).shape
+        >>> locs = torch.tensor([[-2.0, 0.0], [2.0, 1.0]], requires_grad=True)
+        >>> logits = torch.zeros(2, requires_grad=True)
+        >>> d = DiagNormalMixture(locs, torch.ones(2, 2), logits)
+        >>> z = d.rsample((5,))  # exact draws, exact pathwise gradients
+        >>> z.shape, d.log_prob(z).shape
         (torch.Size([5, 2]), torch.Size([5]))
-        >>> d.log_prob(x).sum().backward()  # gradients reach locs, scales and logits
+        >>> z.square().sum().backward()
+        >>> locs.grad.shape, logits.grad.shape
+        (torch.Size([2, 2]), torch.Size([2]))
 
     References:
         Implicit Reparameterization Gradients. M. Figurnov, S. Mohamed, A. Mnih, 2018.

@@ -1,0 +1,183 @@
+"""Generic checks that every distribution in the registry (``tests/conftest.py``) must pass."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from pyro.distributions.testing.gof import auto_goodness_of_fit
+
+from tests.conftest import Z_THRESHOLD, standard_error_z
+
+
+def test_shapes(example, batch_shape, sample_shape):
+    _, d = example(batch_shape)
+    event_shape = d.event_shape
+    assert d.batch_shape == batch_shape
+    assert len(event_shape) == 1
+    x = d.sample(sample_shape)
+    assert x.shape == sample_shape + batch_shape + event_shape
+    z = d.rsample(sample_shape)
+    assert z.shape == sample_shape + batch_shape + event_shape
+    assert d.log_prob(x).shape == sample_shape + batch_shape
+    assert d.mean.shape == batch_shape + event_shape
+    assert d.variance.shape == batch_shape + event_shape
+    assert d.log_responsibilities(x).shape == sample_shape + batch_shape + (d.num_components,)
+
+
+def test_log_prob_broadcasts_value(example, batch_shape):
+    _, d = example(batch_shape)
+    x = d.sample((3,))  # [3, *B, D]
+    # A point without batch dims is scored under every batch element.
+    point = x.reshape(-1, d.event_shape[0])[0]  # [D]
+    expanded = point.expand(batch_shape + d.event_shape)
+    assert d.log_prob(point).shape == batch_shape
+    torch.testing.assert_close(d.log_prob(point), d.log_prob(expanded))
+    # Size-one batch dims in the value broadcast too.
+    ones = x[(slice(None),) + (slice(0, 1),) * len(batch_shape)]  # [3, 1, ..., D]
+    assert d.log_prob(ones).shape == (3, *batch_shape)
+    torch.testing.assert_close(d.log_prob(ones), d.log_prob(ones.expand_as(x)))
+
+
+def test_expand(example, batch_shape):
+    _, d = example(batch_shape)
+    new_shape = (4, *batch_shape)
+    e = d.expand(new_shape)
+    assert type(e) is type(d)
+    assert e.batch_shape == new_shape
+    assert e.sample().shape == new_shape + d.event_shape
+    x = d.sample((2,))
+    torch.testing.assert_close(e.log_prob(x.unsqueeze(1)), d.log_prob(x).unsqueeze(1).expand(2, *new_shape))
+    for name in ("temperature", "straight_through"):
+        assert getattr(e, name, None) == getattr(d, name, None)
+
+
+def test_sample_is_detached_and_rsample_is_not(example, sample_shape):
+    _, d = example((2,))
+    assert not d.sample(sample_shape).requires_grad
+    assert d.has_rsample
+    assert d.rsample(sample_shape).requires_grad
+
+
+def test_rsample_gradients_reach_every_parameter(example, batch_shape):
+    params, d = example(batch_shape)
+    z = d.rsample((64,))
+    torch.sin(z).sum().backward()
+    for name, p in params.items():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().amax() > 0, name
+
+
+def test_log_prob_integrates_to_one(example):
+    """Trapezoid rule on a grid that covers every component to 12 standard deviations.
+
+    The trapezoid rule converges faster than any power of the step for smooth functions that
+    vanish at the ends, so the error is far below the 1e-6 tolerance.
+    """
+    _, d = example((2,))
+    dim = d.event_shape[0]
+    if dim > 2:
+        pytest.skip("grid integration only in 1-D and 2-D")
+    with torch.no_grad():
+        reach = 12 * d.scales.amax()
+        lo = (d.locs.amin((0, 1)) - reach).tolist()
+        hi = (d.locs.amax((0, 1)) + reach).tolist()
+        axes = [torch.linspace(a, b, 801 if dim == 2 else 20001, dtype=torch.float64) for a, b in zip(lo, hi)]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [*G, D]
+        density = d.log_prob(grid.unsqueeze(-2)).exp()  # [*G, 2]
+        for axis in reversed(axes):
+            density = torch.trapezoid(density, axis, dim=0)
+    torch.testing.assert_close(density, torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["sample", "rsample"])
+def test_samples_match_log_prob(example, method):
+    """Goodness of fit of draws against ``log_prob`` for each element of a batch."""
+    _, d = example((2,))
+    if method == "rsample" and not example.exact_rsample:
+        pytest.skip("relaxed draws do not follow the mixture density")
+    num_samples = 4000
+    with torch.no_grad():
+        x = getattr(d, method)((num_samples,))
+        probs = d.log_prob(x).exp()
+    for b in range(2):
+        gof = auto_goodness_of_fit(x[:, b], probs[:, b])
+        assert gof > 1e-3, f"batch element {b}: gof {gof}"
+
+
+def _cos_objective(d, a, b):
+    r"""Closed form of :math:`E[\cos(a \cdot z + b)]` for a diagonal Gaussian mixture."""
+    comp = torch.exp(-0.5 * (a.square() * d.scales.square()).sum(-1)) * torch.cos(
+        (d.locs * a).sum(-1) + b
+    )
+    return (d.probs * comp).sum(-1)
+
+
+def test_rsample_gradient_is_unbiased(example):
+    """Mean of independent pathwise gradient estimates against the analytic gradient."""
+    if not example.unbiased_gradient:
+        pytest.skip("relaxed or straight-through gradients are biased by design")
+    params, d = example((2,))
+    dim = d.event_shape[0]
+    a = torch.linspace(-0.9, 0.7, dim, dtype=torch.float64)
+    b = 0.3
+    leaves = list(params.values())
+    truth = torch.autograd.grad(_cos_objective(d, a, b).sum(), leaves)
+    truth = torch.cat([t.flatten() for t in truth])
+    estimates = []
+    for _ in range(64):
+        z = example.build(params).rsample((2000,))
+        f = torch.cos((z * a).sum(-1) + b).mean(0).sum()
+        estimates.append(torch.cat([g.flatten() for g in torch.autograd.grad(f, leaves)]))
+    z_scores = standard_error_z(torch.stack(estimates), truth)
+    assert z_scores.abs().max() < Z_THRESHOLD, z_scores
+
+
+def test_mean_and_variance(example):
+    _, d = example((2,))
+    x = d.sample((200000,))
+    se_mean = (d.variance / x.shape[0]).sqrt()
+    assert ((x.mean(0) - d.mean).abs() < Z_THRESHOLD * se_mean).all()
+    # The sample variance's standard error, from the fourth central moment of the draws.
+    centred = x - d.mean
+    se_var = ((centred**4).mean(0) - d.variance**2).sqrt() / math.sqrt(x.shape[0])
+    assert ((centred.square().mean(0) - d.variance).abs() < Z_THRESHOLD * se_var).all()
+
+
+def test_log_responsibilities_are_bayes_rule(example, batch_shape):
+    _, d = example(batch_shape)
+    x = d.sample((5,))
+    log_r = d.log_responsibilities(x)
+    torch.testing.assert_close(log_r.logsumexp(-1), torch.zeros_like(log_r[..., 0]))
+    normal = torch.distributions.Normal(d.locs, d.scales)
+    log_joint = d.logits + normal.log_prob(x.unsqueeze(-2)).sum(-1)
+    torch.testing.assert_close(log_r, log_joint.log_softmax(-1))
+
+
+def test_save_and_load(example, batch_shape):
+    _, d = example(batch_shape)
+    buffer = io.BytesIO()
+    torch.save(d, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = d.sample((3,))
+    torch.testing.assert_close(loaded.log_prob(x), d.log_prob(x))
+    assert type(loaded) is type(d)
+
+
+def test_repr(example):
+    _, d = example((2,))
+    text = repr(d)
+    assert type(d).__name__ in text
+    assert "locs" in text
+
+
+def test_float32(example):
+    _, d = example((2,), dtype=torch.float32)
+    z = d.rsample((10,))
+    assert z.dtype == torch.float32
+    assert d.log_prob(z).dtype == torch.float32
+    torch.sin(z).sum().backward()
