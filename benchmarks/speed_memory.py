@@ -26,6 +26,9 @@ repetition to the next) and takes the median wall time of each method. The numbe
 repetitions follows the warm-up times (a few seconds per shape and operation, at least 3 and at
 most 30). Speed-up is ``peer time / our time``: above 1 means ours is faster. For ``rsample``
 the table also gives ``exact / Gumbel``: the time of our exact sampler over our relaxed one.
+The report gives the share of CPU time other processes took during the timing (from
+``/proc/stat``): torch's thread pool occupies every core, so a single busy neighbour can slow
+parallel kernels by an order of magnitude or more, and such a run is flagged as disturbed.
 
 **Peak memory.** CPU tensors have no allocator statistics, so each (method, shape, operation)
 runs in a fresh process forked from a ``multiprocessing`` fork server that has already imported
@@ -266,6 +269,7 @@ def is_allocation_failure(exc: BaseException) -> bool:
 
 def measure_memory(spec: dict[str, Any]) -> MemoryResult:
     """Runs in the child: peak RSS increase of one call of ``spec['op']``."""
+    gc.freeze()  # objects inherited from the fork server: keep them out of gc.collect below
     torch.distributions.Distribution.set_default_validate_args(False)
     method, op, shape = spec["method"], spec["op"], tuple(spec["shape"])
     params, x = make_inputs(shape, spec["seed"])
@@ -461,48 +465,87 @@ def markdown_table(results: Results, shapes: list[Shape], op: str) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
+def figure_values(results: Results, shapes: list[Shape], op: str, peer: str) -> list[float]:
+    """Time ratio ``peer / ours`` per shape (NaN where either was not timed)."""
+    out = []
+    for shape in shapes:
+        ours_t = median_or_nan(results.times.get((shape, op, OURS)))
+        out.append(median_or_nan(results.times.get((shape, op, peer))) / ours_t)
+    return out
+
+
+def memory_values(results: Results, shapes: list[Shape], op: str, peer: str) -> list[float]:
+    """Peak-memory ratio ``peer / ours`` per shape (NaN where either has no measurement)."""
+    out = []
+    for shape in shapes:
+        ours = results.memory.get((shape, op, OURS))
+        other = results.memory.get((shape, op, peer))
+        ok = ours is not None and other is not None and ours.status == other.status == "ok"
+        out.append(other.peak_mib / ours.peak_mib if ok and ours.peak_mib >= 0.1 else math.nan)
+    return out
+
+
 def save_figure(results: Results, shapes: list[Shape], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import FuncFormatter
 
     ops = list(OP_METHODS)
-    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.6), sharey=True)
+    fig, axes = plt.subplots(2, len(ops), figsize=(4.2 * len(ops), 6.8), squeeze=False)
     xs = np.arange(len(shapes))
     colors = {MSF: "tab:blue", PYRO: "tab:orange", OURS_GUMBEL: "tab:green"}
-    for ax, op in zip(axes, ops, strict=True):
-        bars = OP_PEERS[op] + ([OURS_GUMBEL] if op == RSAMPLE_BACKWARD else [])
-        width = 0.8 / len(bars)
-        for i, peer in enumerate(bars):
-            values = []
-            for shape in shapes:
-                ours_t = median_or_nan(results.times.get((shape, op, OURS)))
-                peer_t = median_or_nan(results.times.get((shape, op, peer)))
-                values.append(peer_t / ours_t)
-            label = (
-                "Gumbel / exact (<1: Gumbel faster)"
-                if peer == OURS_GUMBEL
-                else f"{METHOD_LABELS[peer]} / ours"
-            )
-            pos = xs + (i - (len(bars) - 1) / 2) * width
-            heights = [v if math.isfinite(v) else 0.0 for v in values]
-            ax.bar(pos, heights, width, label=label, color=colors[peer])
-            for p, v, shape in zip(pos, values, shapes, strict=True):
-                if not math.isfinite(v):
+    rows: list[tuple[str, Callable[[Results, list[Shape], str, str], list[float]]]] = [
+        ("time", figure_values),
+        ("peak memory", memory_values),
+    ]
+    for row, (quantity, values_of) in enumerate(rows):
+        for col, op in enumerate(ops):
+            ax = axes[row, col]
+            bars = OP_PEERS[op] + ([OURS_GUMBEL] if op == RSAMPLE_BACKWARD else [])
+            width = 0.8 / len(bars)
+            for i, peer in enumerate(bars):
+                values = values_of(results, shapes, op, peer)
+                ours_name = "exact" if op == RSAMPLE_BACKWARD else "ours"
+                pos = xs + (i - (len(bars) - 1) / 2) * width
+                # Bars start at 1, so that they point up where ours is better.
+                heights = [v - 1.0 if math.isfinite(v) else 0.0 for v in values]
+                ax.bar(
+                    pos,
+                    heights,
+                    width,
+                    bottom=1.0,
+                    label=f"{METHOD_LABELS[peer]} / {ours_name}",
+                    color=colors[peer],
+                )
+                for p, v, shape in zip(pos, values, shapes, strict=True):
+                    if math.isfinite(v):
+                        continue
                     mem = results.memory.get((shape, op, peer))
-                    text = "OOM" if mem is not None and mem.status == "oom" else "n/a"
-                    ax.text(p, 1.0, text, ha="center", va="bottom", rotation=90, fontsize=7)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(xs, [shape_label(s) for s in shapes], rotation=30, ha="right", fontsize=7)
-        ax.set_title(OP_TITLES[op], fontsize=9)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("time ratio peer / ours (>1: ours faster)")
+                    text = fmt_memory(mem) if mem is not None and mem.status != "ok" else "n/a"
+                    ax.text(p, 1.0, text.split(" ")[0], ha="center", va="bottom", fontsize=7)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.set_xticks(xs, [shape_label(s) for s in shapes], rotation=25, ha="right", fontsize=7)
+            ax.set_title(f"{OP_TITLES[op]}: {quantity}", fontsize=8)
+            ax.legend(fontsize=7)
+        axes[row, 0].set_ylabel(f"{quantity} ratio peer / ours\n(>1: ours better)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def busy_cpu_seconds() -> tuple[float, float]:
+    """Returns (CPU seconds all processes spent busy, CPU seconds this process spent)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    own = os.times()
+    return (sum(fields[:8]) - idle) / ticks, own.user + own.system
 
 
 def environment_line() -> str:
@@ -547,7 +590,10 @@ def main(argv: list[str] | None = None) -> None:
 
     use_clear_refs = clear_refs_works()
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "pyro.distributions", "pyro_mixflow", "__main__"])
+    # The first torch.broadcast_shapes call imports torch._refs and sympy (about 0.3 s).
+    preload = ["torch", "torch.fx.experimental.symbolic_shapes", "pyro.distributions"]
+    preload += ["pyro_mixflow", "__main__"]
+    ctx.set_forkserver_preload(preload)
     cases = [
         (shape, op, method)
         for shape in shapes
@@ -568,6 +614,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         results.memory[shape, op, method] = run_memory_child(ctx, spec)
 
+    memory_s = time.perf_counter() - start
+    busy_start = busy_cpu_seconds()
     speed_cases = [(shape, op) for shape in shapes for op in OP_METHODS]
     inputs: dict[Shape, tuple[Params, torch.Tensor]] = {}
     for shape, op in tqdm(speed_cases, desc="speed", file=sys.stderr):
@@ -581,6 +629,13 @@ def main(argv: list[str] | None = None) -> None:
         for m, ts in times.items():
             results.times[shape, op, m] = ts
     inputs.clear()
+    speed_s = time.perf_counter() - start - memory_s
+    busy_end = busy_cpu_seconds()
+    # CPU time that other processes took while this one was timing: with torch's thread pool on
+    # every core, even one busy neighbour slows parallel kernels by large factors.
+    foreign_share = max(0.0, (busy_end[0] - busy_start[0]) - (busy_end[1] - busy_start[1])) / (
+        max(speed_s, 1e-9) * (os.cpu_count() or 1)
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_figure(results, shapes, args.out / "speed_memory.png")
@@ -591,7 +646,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         environment_line() + ".",
         f"Mode: {'--quick (N // 64, smoke test only)' if args.quick else 'full'}; "
-        f"total runtime {elapsed:.0f} s; peak-memory method: "
+        f"total runtime {elapsed:.0f} s (memory children {memory_s:.0f} s, speed {speed_s:.0f} s); "
+        f"other processes used {100 * foreign_share:.0f}% of the CPUs during timing"
+        + (" (**timings disturbed, rerun on an idle machine**)" if foreign_share > 0.05 else "")
+        + "; peak-memory method: "
         + ("VmHWM after clear_refs" if use_clear_refs else "ru_maxrss (clear_refs unavailable)")
         + ".",
         "",

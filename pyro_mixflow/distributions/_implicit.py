@@ -32,7 +32,7 @@ def implicit_mixture_rsample(
     * locations and scales: each component moves its own mass,
       :math:`v_{\mu_{kd}} = r_k(z)\, e_d` and
       :math:`v_{\sigma_{kd}} = r_k(z)\, \tfrac{z_d - \mu_{kd}}{\sigma_{kd}}\, e_d` with
-      responsibilities :math:`r_k(z) = \pi_k q_k(z) / q(z)`, reduced to matrix products;
+      responsibilities :math:`r_k(z) = \pi_k q_k(z) / q(z)`;
     * logits: implicit reparameterization (Figurnov et al., 2018) through the distributional
       transform :math:`F_d(z_d \mid z_{<d}) = \sum_k w_k^{(d)}(z_{<d})\,
       \Phi\big((z_d - \mu_{kd}) / \sigma_{kd}\big)`, :math:`w^{(d)} \propto \pi_k \prod_{j<d}

@@ -38,6 +38,13 @@ class DiagNormalMixture(TorchDistribution):
     to the weights (Figurnov et al., 2018). Memory is :math:`O(NKD)` in the backward pass only,
     processed in blocks; there is no :math:`K^2` or :math:`D^2` term.
 
+    Unbiased is not low-variance: the weights' gradient moves mass between components through
+    the regions between them, at a speed inversely proportional to the conditional density
+    there. For well-separated components it is heavy-tailed (measured at D = 16, K = 8: a
+    per-draw norm whose 99.99% quantile is 6000 times its median). Gradients for ``locs`` and
+    ``scales`` are well behaved. ``benchmarks/gradient_estimators.py`` measures the trade-off
+    against the Gumbel-softmax estimators of :class:`GumbelSoftmaxMixture`.
+
     Args:
         locs: Component means, shape ``(*batch, K, D)``.
         scales: Component standard deviations, positive, broadcastable with ``locs``.

@@ -1,0 +1,35 @@
+"""Tutorials run in smoke mode and benchmarks in quick mode, so neither can rot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIALS = sorted((ROOT / "tutorials").glob("*.py"))
+BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+def _run(args, tmp_path, env_extra=None):
+    env = {**os.environ, "CI": "1", "MPLBACKEND": "Agg", **(env_extra or {})}
+    out = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
+def test_tutorial_runs_in_smoke_mode(path, tmp_path):
+    _run([str(path)], tmp_path)
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
+def test_benchmark_runs_in_quick_mode(path, tmp_path):
+    stdout = _run([str(path), "--quick", "--out", str(tmp_path)], tmp_path)
+    assert "|" in stdout  # a markdown table
+    assert list(tmp_path.glob("*.png")), "no figure written"
