@@ -70,9 +70,7 @@ def _mixture(cls, **kwargs):
 
 EXAMPLES = [
     Example("DiagNormalMixture", _mixture_params(3, 2), _mixture(DiagNormalMixture)),
-    Example(
-        "DiagNormalMixture-probs", _mixture_params(2, 3, "probs"), _mixture(DiagNormalMixture)
-    ),
+    Example("DiagNormalMixture-probs", _mixture_params(2, 3, "probs"), _mixture(DiagNormalMixture)),
     Example("DiagNormalMixture-1d", _mixture_params(4, 1), _mixture(DiagNormalMixture)),
     Example(
         "GumbelSoftmaxMixture",

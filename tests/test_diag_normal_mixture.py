@@ -67,9 +67,13 @@ def test_log_prob_gradients_match_reference():
     scales = (torch.rand(2, 5, 3, dtype=torch.float64) + 0.3).requires_grad_()
     logits = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     x = torch.randn(11, 2, 3, dtype=torch.float64)
-    ours = torch.autograd.grad(DiagNormalMixture(locs, scales, logits).log_prob(x).sum(), [locs, scales, logits])
-    ref = torch.autograd.grad(_reference(locs, scales, logits).log_prob(x).sum(), [locs, scales, logits])
-    for a, b in zip(ours, ref):
+    ours = torch.autograd.grad(
+        DiagNormalMixture(locs, scales, logits).log_prob(x).sum(), [locs, scales, logits]
+    )
+    ref = torch.autograd.grad(
+        _reference(locs, scales, logits).log_prob(x).sum(), [locs, scales, logits]
+    )
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -115,7 +119,9 @@ def _gradient_z_scores(locs, scales, logits, a, b, num_estimates=64, num_samples
 def test_rsample_gradient_is_unbiased_with_coincident_components():
     loc = torch.randn(1, 2, dtype=torch.float64)
     locs = torch.cat([loc, loc, loc + 1.5]).requires_grad_()
-    scales = torch.tensor([[0.7, 1.1], [0.7, 1.1], [0.5, 0.5]], dtype=torch.float64).requires_grad_()
+    scales = torch.tensor(
+        [[0.7, 1.1], [0.7, 1.1], [0.5, 0.5]], dtype=torch.float64
+    ).requires_grad_()
     logits = torch.tensor([0.2, -0.4, 0.1], dtype=torch.float64, requires_grad=True)
     a = torch.tensor([0.8, -0.6], dtype=torch.float64)
     z = _gradient_z_scores(locs, scales, logits, a, 0.4)
@@ -151,7 +157,7 @@ def test_rsample_backward_is_exact_in_float32_at_256_dimensions():
         z = implicit_mixture_rsample(d.locs, d.scales, d.logits, z64.to(dtype))
         torch.sin(z).sum().backward()
         grads[dtype] = [p.grad.double() for p in (locs, scales, logits)]
-    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64], strict=True):
         assert torch.isfinite(g32).all()
         torch.testing.assert_close(g32, g64, rtol=1e-3, atol=1e-3 * g64.abs().max().item())
 
@@ -166,12 +172,14 @@ def test_implicit_backward_uses_blocks_of_samples(monkeypatch):
     z = DiagNormalMixture(locs, scales, logits).sample((50,))
 
     def grads():
-        out = _implicit.implicit_mixture_rsample(locs, scales, logits - logits.logsumexp(-1, True), z)
+        out = _implicit.implicit_mixture_rsample(
+            locs, scales, logits - logits.logsumexp(-1, True), z
+        )
         return torch.autograd.grad(torch.sin(out).sum(), [locs, scales, logits])
 
     whole = grads()
     monkeypatch.setattr(_implicit, "_BLOCK_ELEMENTS", 3 * 4 * 2 * 7)
-    for a, b in zip(grads(), whole):
+    for a, b in zip(grads(), whole, strict=True):
         torch.testing.assert_close(a, b)
 
 

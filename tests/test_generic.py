@@ -49,7 +49,9 @@ def test_expand(example, batch_shape):
     assert e.batch_shape == new_shape
     assert e.sample().shape == new_shape + d.event_shape
     x = d.sample((2,))
-    torch.testing.assert_close(e.log_prob(x.unsqueeze(1)), d.log_prob(x).unsqueeze(1).expand(2, *new_shape))
+    torch.testing.assert_close(
+        e.log_prob(x.unsqueeze(1)), d.log_prob(x).unsqueeze(1).expand(2, *new_shape)
+    )
     for name in ("temperature", "straight_through"):
         assert getattr(e, name, None) == getattr(d, name, None)
 
@@ -85,7 +87,10 @@ def test_log_prob_integrates_to_one(example):
         reach = 12 * d.scales.amax()
         lo = (d.locs.amin((0, 1)) - reach).tolist()
         hi = (d.locs.amax((0, 1)) + reach).tolist()
-        axes = [torch.linspace(a, b, 801 if dim == 2 else 20001, dtype=torch.float64) for a, b in zip(lo, hi)]
+        axes = [
+            torch.linspace(a, b, 801 if dim == 2 else 20001, dtype=torch.float64)
+            for a, b in zip(lo, hi, strict=True)
+        ]
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [*G, D]
         density = d.log_prob(grid.unsqueeze(-2)).exp()  # [*G, 2]
         for axis in reversed(axes):

@@ -45,11 +45,18 @@ def _relaxed_density(z, locs, scales, logits, tau=TAU):
 
 def test_concrete_part_matches_torch():
     logits = torch.randn(4, dtype=torch.float64)
-    d = GumbelSoftmaxMixture(torch.randn(4, 2, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64), logits, temperature=0.7)
+    d = GumbelSoftmaxMixture(
+        torch.randn(4, 2, dtype=torch.float64),
+        torch.ones(4, 2, dtype=torch.float64),
+        logits,
+        temperature=0.7,
+    )
     z, log_c = d.rsample_with_weights((100,))
     c = log_c.exp()
     gauss = td.Normal(c @ d.locs, c @ d.scales).log_prob(z).sum(-1)
-    expected = td.RelaxedOneHotCategorical(torch.tensor(0.7, dtype=torch.float64), logits=logits).log_prob(c)
+    expected = td.RelaxedOneHotCategorical(
+        torch.tensor(0.7, dtype=torch.float64), logits=logits
+    ).log_prob(c)
     torch.testing.assert_close(d.joint_log_prob(z, log_c) - gauss, expected)
 
 
@@ -60,7 +67,9 @@ def test_joint_density_integrates_to_one():
         centre = (logits[0] - logits[1]).item() / TAU
         x = torch.linspace(centre - 60 / TAU, centre + 60 / TAU, 3001, dtype=torch.float64)
         z = torch.linspace(-12, 14, 1501, dtype=torch.float64)
-        log_c = torch.stack([torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)], -1)
+        log_c = torch.stack(
+            [torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)], -1
+        )
         # p(z, c_1) dc_1 = p(z, c_1) c_1 c_2 dx
         log_p = d.joint_log_prob(z.reshape(-1, 1, 1), log_c) + log_c.sum(-1)  # [Z, X]
         total = torch.trapezoid(torch.trapezoid(log_p.exp(), x, dim=-1), z)
@@ -150,7 +159,9 @@ def test_relaxed_draws_approach_exact_draws_at_low_temperature():
 )
 def test_bad_temperature(temperature, error, match):
     with pytest.raises(error, match=match):
-        GumbelSoftmaxMixture(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2), temperature=temperature)
+        GumbelSoftmaxMixture(
+            torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2), temperature=temperature
+        )
 
 
 def test_bad_weights_and_num_samples():

@@ -42,7 +42,9 @@ def test_mismatched_number_of_components(cls):
 
 
 def test_logits_and_probs(cls):
-    with pytest.raises(ValueError, match="Either `probs` or `logits` must be specified, but not both"):
+    with pytest.raises(
+        ValueError, match="Either `probs` or `logits` must be specified, but not both"
+    ):
         cls(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2), probs=torch.ones(2) / 2)
     with pytest.raises(ValueError, match="Either `probs` or `logits` must be specified"):
         cls(torch.zeros(2, 1), torch.ones(2, 1))
@@ -51,18 +53,26 @@ def test_logits_and_probs(cls):
 def test_bad_shapes(cls):
     with pytest.raises(ValueError, match=r"`locs` must have shape \(\*batch, K, D\), got \(3,\)"):
         cls(torch.zeros(3), torch.ones(3), torch.zeros(3))
-    with pytest.raises(ValueError, match=r"`locs.shape` \(3, 2\) and `scales.shape` \(3, 4\) do not broadcast"):
+    with pytest.raises(
+        ValueError, match=r"`locs.shape` \(3, 2\) and `scales.shape` \(3, 4\) do not broadcast"
+    ):
         cls(torch.zeros(3, 2), torch.ones(3, 4), torch.zeros(3))
-    with pytest.raises(ValueError, match=r"batch shapes do not broadcast: locs/scales \(2,\), logits \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"batch shapes do not broadcast: locs/scales \(2,\), logits \(5,\)"
+    ):
         cls(torch.zeros(2, 3, 1), torch.ones(2, 3, 1), torch.zeros(5, 3))
 
 
 def test_bad_types(cls):
-    with pytest.raises(TypeError, match="`locs` must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"`locs` must be a torch\.Tensor, got list"):
         cls([[0.0]], torch.ones(1, 1), torch.zeros(1))
-    with pytest.raises(TypeError, match="`scales` must have a floating-point dtype, got torch.int64"):
+    with pytest.raises(
+        TypeError, match=r"`scales` must have a floating-point dtype, got torch\.int64"
+    ):
         cls(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.long), torch.zeros(1))
-    with pytest.raises(TypeError, match=r"`logits.dtype` \(torch.float64\) differs from `locs.dtype`"):
+    with pytest.raises(
+        TypeError, match=r"`logits.dtype` \(torch.float64\) differs from `locs.dtype`"
+    ):
         cls(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, dtype=torch.float64))
 
 
