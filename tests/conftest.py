@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pytest
@@ -38,7 +38,6 @@ class Example:
     build: Callable[[dict[str, torch.Tensor]], Distribution]
     exact_rsample: bool = True
     unbiased_gradient: bool = True
-    extras: dict = field(default_factory=dict)
 
     def __call__(self, batch_shape=(), dtype=torch.float64, seed=0):
         with torch.random.fork_rng():

@@ -7,9 +7,9 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["implicit_mixture_rsample", "logsumexp"]
+__all__ = ["HALF_LOG_2PI", "implicit_mixture_rsample", "logsumexp"]
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _SQRT_HALF = math.sqrt(0.5)
 
 # Largest number of (sample, component, dimension) elements held at once in the backward pass.
@@ -116,7 +116,7 @@ def _accumulate_block(z, g, mu, sigma, log_pi, grad_locs, grad_scales, grad_logi
     num_dims = z.shape[0]
     inv_sigma = sigma.reciprocal()  # [D, B, K]
     shift = -mu * inv_sigma  # [D, B, K]
-    log_norm = -sigma.log() - _HALF_LOG_2PI  # [D, B, K]
+    log_norm = -sigma.log() - HALF_LOG_2PI  # [D, B, K]
     log_joint = log_pi.expand(z.shape[1:] + log_pi.shape[-1:])  # [N, B, K]
     log_evidence = torch.zeros_like(z[0])  # [N, B]
     cdf_grad = torch.empty(z.shape + log_pi.shape[-1:], dtype=z.dtype, device=z.device)

@@ -9,11 +9,13 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import Categorical, constraints
 from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_logits
 
-from pyro_mixflow.distributions._implicit import implicit_mixture_rsample, logsumexp
+from pyro_mixflow.distributions._implicit import (
+    HALF_LOG_2PI,
+    implicit_mixture_rsample,
+    logsumexp,
+)
 
 __all__ = ["DiagNormalMixture"]
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class DiagNormalMixture(TorchDistribution):
@@ -226,7 +228,7 @@ class DiagNormalMixture(TorchDistribution):
         weight = torch.cat([precision, -2 * self.locs * precision], dim=-1)  # [*B, K, 2D]
         offset = (self.locs.square() * precision).sum(-1)  # [*B, K]
         quad = _batched_rowwise_matmul(torch.cat([x.square(), x], dim=-1), weight) + offset
-        log_norm = self.scales.log().sum(-1) + self.event_shape[0] * _HALF_LOG_2PI  # [*B, K]
+        log_norm = self.scales.log().sum(-1) + self.event_shape[0] * HALF_LOG_2PI  # [*B, K]
         return self.logits - 0.5 * quad - log_norm
 
     def _log_joint_of(self, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -239,7 +241,7 @@ class DiagNormalMixture(TorchDistribution):
             log_pi.gather(-1, index.unsqueeze(-1)).squeeze(-1)
             - 0.5 * std.square().sum(-1)
             - scale.log().sum(-1)
-            - self.event_shape[0] * _HALF_LOG_2PI
+            - self.event_shape[0] * HALF_LOG_2PI
         )
 
 

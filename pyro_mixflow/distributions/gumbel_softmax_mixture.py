@@ -6,14 +6,13 @@ import math
 
 import torch
 
+from pyro_mixflow.distributions._implicit import HALF_LOG_2PI
 from pyro_mixflow.distributions.diag_normal_mixture import (
     DiagNormalMixture,
     _batched_rowwise_matmul,
 )
 
 __all__ = ["GumbelSoftmaxMixture"]
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class GumbelSoftmaxMixture(DiagNormalMixture):
@@ -190,7 +189,7 @@ class GumbelSoftmaxMixture(DiagNormalMixture):
         loc, scale = self._relaxed_loc_scale(log_weights.exp())
         std = (value - loc) / scale
         log_normal = (
-            -0.5 * std.square().sum(-1) - scale.log().sum(-1) - _HALF_LOG_2PI * std.shape[-1]
+            -0.5 * std.square().sum(-1) - scale.log().sum(-1) - HALF_LOG_2PI * std.shape[-1]
         )
         return log_concrete + log_normal
 
