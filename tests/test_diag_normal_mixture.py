@@ -77,6 +77,28 @@ def test_log_prob_gradients_match_reference():
         torch.testing.assert_close(a, b)
 
 
+def test_log_prob_hessians_match_reference():
+    """Second derivatives (Laplace approximations, Newton steps) in parameters and value."""
+    locs = torch.randn(3, 2, dtype=torch.float64)
+    scales = torch.rand(3, 2, dtype=torch.float64) + 0.5
+    logits = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    hessian = torch.autograd.functional.hessian
+    for ours, ref, at in [
+        (
+            lambda m: DiagNormalMixture(m, scales, logits).log_prob(x).sum(),
+            lambda m: _reference(m, scales, logits).log_prob(x).sum(),
+            locs,
+        ),
+        (
+            lambda v: DiagNormalMixture(locs, scales, logits).log_prob(v).sum(),
+            lambda v: _reference(locs, scales, logits).log_prob(v).sum(),
+            x,
+        ),
+    ]:
+        torch.testing.assert_close(hessian(ours, at), hessian(ref, at))
+
+
 def test_rsample_value_equals_sample_under_the_same_seed():
     d = DiagNormalMixture(torch.randn(2, 4, 3), torch.rand(2, 4, 3) + 0.5, torch.randn(2, 4))
     torch.manual_seed(5)

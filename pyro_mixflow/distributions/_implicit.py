@@ -124,14 +124,14 @@ def _accumulate_block(z, g, mu, sigma, log_pi, grad_locs, grad_scales, grad_logi
     for d in range(num_dims):
         std = torch.addcmul(shift[d], z[d].unsqueeze(-1), inv_sigma[d])  # [N, B, K]
         cdf = torch.special.erfc(std * -_SQRT_HALF).mul_(0.5)
-        w = _clamped_exp(log_joint - log_evidence.unsqueeze(-1))
+        w = _clamped_exp_(log_joint - log_evidence.unsqueeze(-1))
         cdf.sub_((w * cdf).sum(-1, keepdim=True))
         torch.mul(w, cdf, out=cdf_grad[d])
         log_joint = torch.addcmul(log_joint + log_norm[d], std, std, value=-0.5)
         next_evidence = logsumexp(log_joint)
         torch.exp(log_evidence - next_evidence, out=inv_cond[d])
         log_evidence = next_evidence
-    resp = _clamped_exp(log_joint - log_evidence.unsqueeze(-1))  # [N, B, K]
+    resp = _clamped_exp_(log_joint - log_evidence.unsqueeze(-1))  # [N, B, K]
     grad_locs += torch.einsum("nbk,dnb->dbk", resp, g)
     carry = torch.zeros_like(resp)
     for d in reversed(range(num_dims)):
@@ -151,14 +151,32 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
     true (subnormal or zero) value: a relative change below ``K * tiny`` of the sum, far under
     the dtype's resolution. On x86 CPUs ``exp`` of such inputs is an order of magnitude slower
     than of ordinary ones, and mixtures with separated components produce them for most terms.
+    The backward pass keeps only the input and the result (twice differentiable).
     """
-    top = x.amax(-1, keepdim=True).detach()
-    top = top.masked_fill(~torch.isfinite(top), 0.0)
-    return _clamped_exp(x - top).sum(-1).log() + top.squeeze(-1)
+    return _LogSumExp.apply(x)
 
 
-def _clamped_exp(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(min=_min_exponent(x.dtype)).exp()
+class _LogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        top = x.amax(-1, keepdim=True)
+        top = top.masked_fill(~torch.isfinite(top), 0.0)
+        out = _clamped_exp_(x - top).sum(-1).log_() + top.squeeze(-1)
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        if torch.is_grad_enabled():  # differentiating the backward itself: no in-place ops
+            weights = (x - out.unsqueeze(-1)).clamp(min=_min_exponent(x.dtype)).exp()
+            return grad.unsqueeze(-1) * weights
+        return _clamped_exp_(x - out.unsqueeze(-1)).mul_(grad.unsqueeze(-1))
+
+
+def _clamped_exp_(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` of a temporary, in place, with arguments below ``log(tiny)`` raised to it."""
+    return x.clamp_(min=_min_exponent(x.dtype)).exp_()
 
 
 def _min_exponent(dtype: torch.dtype) -> float:

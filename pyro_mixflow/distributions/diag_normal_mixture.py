@@ -222,14 +222,24 @@ class DiagNormalMixture(TorchDistribution):
         return (second - self.mean.square()).clamp(min=0)
 
     def _log_joint(self, value: torch.Tensor) -> torch.Tensor:
-        """Returns ``log pi_k + log N(value; mu_k, sigma_k)``, ``[*S, *B, K]``, by one matmul."""
+        """Returns ``log pi_k + log N(value; mu_k, sigma_k)``, ``[*S, *B, K]``, by one matmul.
+
+        Features ``[x^2, x, 1]`` against rows ``[-sigma^-2 / 2, mu sigma^-2, c_k]``: the whole
+        log-joint is the product's output, the only ``[*S, *B, K]`` tensor autograd keeps.
+        """
         x = value.expand(torch.broadcast_shapes(value.shape, self._extended_shape()))
         precision = self.scales.pow(-2)  # [*B, K, D]
-        weight = torch.cat([precision, -2 * self.locs * precision], dim=-1)  # [*B, K, 2D]
-        offset = (self.locs.square() * precision).sum(-1)  # [*B, K]
-        quad = _batched_rowwise_matmul(torch.cat([x.square(), x], dim=-1), weight) + offset
-        log_norm = self.scales.log().sum(-1) + self.event_shape[0] * HALF_LOG_2PI  # [*B, K]
-        return self.logits - 0.5 * quad - log_norm
+        constant = (
+            self.logits
+            - 0.5 * (self.locs.square() * precision).sum(-1)
+            - self.scales.log().sum(-1)
+            - self.event_shape[0] * HALF_LOG_2PI
+        )  # [*B, K]
+        weight = torch.cat(
+            [-0.5 * precision, self.locs * precision, constant.unsqueeze(-1)], dim=-1
+        )  # [*B, K, 2D + 1]
+        features = torch.cat([x.square(), x, torch.ones_like(x[..., :1])], dim=-1)
+        return _batched_rowwise_matmul(features, weight)
 
     def _log_joint_of(self, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Returns ``log pi_k + log N(value; mu_k, sigma_k)`` for one component per point."""
