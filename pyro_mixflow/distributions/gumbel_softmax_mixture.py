@@ -102,7 +102,21 @@ class GumbelSoftmaxMixture(DiagNormalMixture):
         return super().expand(batch_shape, _instance=new)
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        """Relaxed (or straight-through) reparameterized draws; see the class docstring."""
+        r"""Relaxed (or straight-through) reparameterized draws, :math:`z` of
+        :meth:`rsample_with_weights`.
+
+        Args:
+            sample_shape: Leading sample shape.
+
+        Returns:
+            Tensor of shape ``(*sample_shape, *batch, D)``.
+
+        Example:
+            >>> d = GumbelSoftmaxMixture(torch.zeros(3, 2), torch.ones(3, 2), torch.zeros(3),
+            ...                          temperature=0.2)
+            >>> d.rsample((5,)).shape
+            torch.Size([5, 2])
+        """  # noqa: D205
         return self.rsample_with_weights(sample_shape)[0]
 
     def rsample_with_weights(
