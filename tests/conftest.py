@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.distributions import Distribution
 
-from pyro_mixflow import DiagNormalMixture, GumbelSoftmaxMixture
+from pyro_mixflow import DiagNormalMixture, GumbelSoftmaxMixture, MixtureBaseFlow
 
 BATCH_SHAPES = [(), (2,), (2, 3)]
 SAMPLE_SHAPES = [(), (4,), (2, 5)]
@@ -30,7 +30,8 @@ class Example:
             ``requires_grad=True`` (scales are built from them inside ``build``).
         build: ``params -> distribution``.
         exact_rsample: ``rsample`` draws follow ``log_prob`` (not true of relaxed samplers).
-        unbiased_gradient: the ``rsample`` gradient is unbiased for ``grad E_p[f]``.
+        unbiased_gradient: the ``rsample`` gradient is unbiased for ``grad E_p[f]``, checked
+            against the closed form of a diagonal Gaussian mixture (mixtures only).
     """
 
     name: str
@@ -67,6 +68,25 @@ def _mixture(cls, **kwargs):
     return build
 
 
+def _flow(params):
+    """A smooth invertible flow (affine autoregressive, then affine) over a mixture base.
+
+    The transforms are rebuilt with fixed weights at every call, so that every build of the
+    example is the same distribution.
+    """
+    from nflows.transforms import MaskedAffineAutoregressiveTransform
+    from torch.distributions.transforms import AffineTransform
+
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        made = MaskedAffineAutoregressiveTransform(features=2, hidden_features=8)
+        for p in made.parameters():  # nflows starts near the identity; move away from it
+            torch.nn.init.normal_(p, std=0.3)
+    made = made.to(params["locs"].dtype)
+    base = _mixture(DiagNormalMixture)(params)
+    return MixtureBaseFlow(base, [made, AffineTransform(0.5, 1.5)])
+
+
 EXAMPLES = [
     Example("DiagNormalMixture", _mixture_params(3, 2), _mixture(DiagNormalMixture)),
     Example("DiagNormalMixture-probs", _mixture_params(2, 3, "probs"), _mixture(DiagNormalMixture)),
@@ -84,6 +104,7 @@ EXAMPLES = [
         _mixture(GumbelSoftmaxMixture, temperature=0.5, straight_through=True),
         unbiased_gradient=False,
     ),
+    Example("MixtureBaseFlow", _mixture_params(3, 2), _flow, unbiased_gradient=False),
 ]
 
 

@@ -22,9 +22,19 @@ def test_shapes(example, batch_shape, sample_shape):
     z = d.rsample(sample_shape)
     assert z.shape == sample_shape + batch_shape + event_shape
     assert d.log_prob(x).shape == sample_shape + batch_shape
-    assert d.mean.shape == batch_shape + event_shape
-    assert d.variance.shape == batch_shape + event_shape
-    assert d.log_responsibilities(x).shape == sample_shape + batch_shape + (d.num_components,)
+    if _has_moments(d):
+        assert d.mean.shape == batch_shape + event_shape
+        assert d.variance.shape == batch_shape + event_shape
+    if hasattr(d, "log_responsibilities"):
+        assert d.log_responsibilities(x).shape == sample_shape + batch_shape + (d.num_components,)
+
+
+def _has_moments(d) -> bool:
+    try:
+        d.mean  # noqa: B018
+    except NotImplementedError:
+        return False
+    return True
 
 
 def test_log_prob_broadcasts_value(example, batch_shape):
@@ -74,7 +84,7 @@ def test_rsample_gradients_reach_every_parameter(example, batch_shape):
 
 
 def test_log_prob_integrates_to_one(example):
-    """Trapezoid rule on a grid that covers every component to 12 standard deviations.
+    """Trapezoid rule on a box around 10^5 draws, widened by 12 standard deviations.
 
     The trapezoid rule converges faster than any power of the step for smooth functions that
     vanish at the ends, so the error is far below the 1e-6 tolerance.
@@ -84,9 +94,11 @@ def test_log_prob_integrates_to_one(example):
     if dim > 2:
         pytest.skip("grid integration only in 1-D and 2-D")
     with torch.no_grad():
-        reach = 12 * d.scales.amax()
-        lo = (d.locs.amin((0, 1)) - reach).tolist()
-        hi = (d.locs.amax((0, 1)) + reach).tolist()
+        # A box around 10^5 draws, widened by 12 of their standard deviations.
+        x = d.sample((100000,)).reshape(-1, dim)
+        reach = 12 * x.std(0)
+        lo = (x.amin(0) - reach).tolist()
+        hi = (x.amax(0) + reach).tolist()
         axes = [
             torch.linspace(a, b, 801 if dim == 2 else 20001, dtype=torch.float64)
             for a, b in zip(lo, hi, strict=True)
@@ -124,7 +136,7 @@ def _cos_objective(d, a, b):
 def test_rsample_gradient_is_unbiased(example):
     """Mean of independent pathwise gradient estimates against the analytic gradient."""
     if not example.unbiased_gradient:
-        pytest.skip("relaxed or straight-through gradients are biased by design")
+        pytest.skip("biased by design (relaxed, straight-through) or no closed form (flows)")
     params, d = example((2,))
     dim = d.event_shape[0]
     a = torch.linspace(-0.9, 0.7, dim, dtype=torch.float64)
@@ -143,6 +155,8 @@ def test_rsample_gradient_is_unbiased(example):
 
 def test_mean_and_variance(example):
     _, d = example((2,))
+    if not _has_moments(d):
+        pytest.skip("no closed-form moments")
     x = d.sample((200000,))
     se_mean = (d.variance / x.shape[0]).sqrt()
     assert ((x.mean(0) - d.mean).abs() < Z_THRESHOLD * se_mean).all()
@@ -154,6 +168,8 @@ def test_mean_and_variance(example):
 
 def test_log_responsibilities_are_bayes_rule(example, batch_shape):
     _, d = example(batch_shape)
+    if not hasattr(d, "log_responsibilities"):
+        pytest.skip("not a mixture")
     x = d.sample((5,))
     log_r = d.log_responsibilities(x)
     torch.testing.assert_close(log_r.logsumexp(-1), torch.zeros_like(log_r[..., 0]))
@@ -175,9 +191,7 @@ def test_save_and_load(example, batch_shape):
 
 def test_repr(example):
     _, d = example((2,))
-    text = repr(d)
-    assert type(d).__name__ in text
-    assert "locs" in text
+    assert repr(d).startswith(type(d).__name__)
 
 
 def test_float32(example):

@@ -2,5 +2,6 @@ r"""Mixture-based distributions for Pyro and ``torch.distributions``."""
 
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.distributions.gumbel_softmax_mixture import GumbelSoftmaxMixture
+from pyro_mixflow.distributions.mixture_base_flow import MixtureBaseFlow
 
-__all__ = ["DiagNormalMixture", "GumbelSoftmaxMixture"]
+__all__ = ["DiagNormalMixture", "GumbelSoftmaxMixture", "MixtureBaseFlow"]
