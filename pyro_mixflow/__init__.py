@@ -1,7 +1,15 @@
 r"""Mixture-based distributions for Pyro and ``torch.distributions``: density models and guides."""
 
 from pyro_mixflow.distributions import DiagNormalMixture, GumbelSoftmaxMixture, MixtureBaseFlow
+from pyro_mixflow.training import History, fit
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["DiagNormalMixture", "GumbelSoftmaxMixture", "MixtureBaseFlow", "__version__"]
+__all__ = [
+    "DiagNormalMixture",
+    "GumbelSoftmaxMixture",
+    "History",
+    "MixtureBaseFlow",
+    "__version__",
+    "fit",
+]
