@@ -117,29 +117,34 @@ def _accumulate_block(z, g, mu, sigma, log_pi, grad_locs, grad_scales, grad_logi
     inv_sigma = sigma.reciprocal()  # [D, B, K]
     shift = -mu * inv_sigma  # [D, B, K]
     log_norm = -sigma.log() - HALF_LOG_2PI  # [D, B, K]
-    log_joint = log_pi.expand(z.shape[1:] + log_pi.shape[-1:])  # [N, B, K]
-    log_evidence = torch.zeros_like(z[0])  # [N, B]
+    lowest = _min_exponent(z.dtype)
+    log_joint = log_pi.expand(z.shape[1:] + log_pi.shape[-1:]).clone()  # [N, B, K]
+    w = log_joint.exp()  # conditional weights w^(d), normalized
+    log_evidence = torch.zeros_like(z[0])  # log q(z_<d), [N, B]
     cdf_grad = torch.empty(z.shape + log_pi.shape[-1:], dtype=z.dtype, device=z.device)
     inv_cond = torch.empty_like(z)  # [D, N, B]
     for d in range(num_dims):
         std = torch.addcmul(shift[d], z[d].unsqueeze(-1), inv_sigma[d])  # [N, B, K]
         cdf = torch.special.erfc(std * -_SQRT_HALF).mul_(0.5)
-        w = _clamped_exp_(log_joint - log_evidence.unsqueeze(-1))
         cdf.sub_((w * cdf).sum(-1, keepdim=True))
         torch.mul(w, cdf, out=cdf_grad[d])
-        log_joint = torch.addcmul(log_joint + log_norm[d], std, std, value=-0.5)
-        next_evidence = logsumexp(log_joint)
+        # Bayes update of the weights with dimension d, sharing one exp with the evidence.
+        log_joint.add_(log_norm[d]).addcmul_(std, std, value=-0.5)
+        top = log_joint.amax(-1, keepdim=True)
+        w = (log_joint - top).clamp_(min=lowest).exp_()
+        total = w.sum(-1, keepdim=True)
+        w.div_(total)
+        next_evidence = total.log_().add_(top).squeeze(-1)
         torch.exp(log_evidence - next_evidence, out=inv_cond[d])
         log_evidence = next_evidence
-    resp = _clamped_exp_(log_joint - log_evidence.unsqueeze(-1))  # [N, B, K]
+    resp = w  # [N, B, K]
     grad_locs += torch.einsum("nbk,dnb->dbk", resp, g)
     carry = torch.zeros_like(resp)
     for d in reversed(range(num_dims)):
         std = torch.addcmul(shift[d], z[d].unsqueeze(-1), inv_sigma[d])  # [N, B, K]
-        rg = resp * g[d].unsqueeze(-1)
-        grad_scales[d] += (rg * std).sum(0)
+        grad_scales[d] += torch.einsum("nbk,nb->bk", resp * std, g[d])
         # lambda_d = (g_d - sum_k score_kd C_k) / q(z_d | z_<d), score = -std / sigma.
-        lam = (g[d] + (std * carry).mul_(inv_sigma[d]).sum(-1)) * inv_cond[d]  # [N, B]
+        lam = torch.linalg.vecdot(std, carry * inv_sigma[d]).add_(g[d]).mul_(inv_cond[d])
         carry.addcmul_(lam.unsqueeze(-1), cdf_grad[d])
     grad_logits -= carry.sum(0)
 
