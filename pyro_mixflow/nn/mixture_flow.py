@@ -60,7 +60,7 @@ class MixtureFlow(nn.Module):
     def __init__(
         self,
         input_dim: int,
-        num_components: int = 16,
+        num_components: int = 50,
         *,
         num_transforms: int = 4,
         hidden_dims: Sequence[int] = (64, 64),
