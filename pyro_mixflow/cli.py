@@ -81,7 +81,7 @@ def _make_model(name: str, input_dim: int):
     from pyro_mixflow.nn import GMM, MixtureFlow
 
     if name == "gmm":
-        return GMM(input_dim, num_components=32)
+        return GMM(input_dim, num_components=50)
     return MixtureFlow(input_dim)
 
 
