@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--datasets", nargs="+", default=list(DEMO_DATASETS), metavar="NAME")
     demo.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=DEMO_MODELS)
-    demo.add_argument("--steps", type=int, default=600, help="Adam steps per model (600)")
+    demo.add_argument("--steps", type=int, default=1500, help="Adam steps per model (1500)")
     demo.add_argument("--num-train", type=int, default=20000, help="training draws (20000)")
     demo.add_argument("--num-test", type=int, default=20000, help="test draws (20000)")
     demo.add_argument("--seed", type=int, default=0)
