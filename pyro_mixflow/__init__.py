@@ -1,6 +1,12 @@
 r"""Mixture-based distributions for Pyro and ``torch.distributions``: density models and guides."""
 
-from pyro_mixflow.distributions import DiagNormalMixture, GumbelSoftmaxMixture, MixtureBaseFlow
+from pyro_mixflow.deconvolution import deconvolve
+from pyro_mixflow.distributions import (
+    DiagNormalMixture,
+    GumbelSoftmaxMixture,
+    MixtureBaseFlow,
+    NoisyMixture,
+)
 from pyro_mixflow.training import History, fit
 
 __version__ = "0.1.0.dev0"
@@ -10,6 +16,8 @@ __all__ = [
     "GumbelSoftmaxMixture",
     "History",
     "MixtureBaseFlow",
+    "NoisyMixture",
     "__version__",
+    "deconvolve",
     "fit",
 ]

@@ -15,6 +15,7 @@ import torch
 from torch.distributions import Distribution
 
 from pyro_mixflow import DiagNormalMixture, GumbelSoftmaxMixture, MixtureBaseFlow
+from pyro_mixflow.distributions import AdditiveNormal, IntegerShift, NoisyMixture
 
 BATCH_SHAPES = [(), (2,), (2, 3)]
 SAMPLE_SHAPES = [(), (4,), (2, 5)]
@@ -87,6 +88,26 @@ def _flow(params):
     return MixtureBaseFlow(base, [made, AffineTransform(0.5, 1.5)])
 
 
+def _noisy_params(batch_shape, dtype):
+    params = _mixture_params(3, 2)(batch_shape, dtype)
+    noise_loc = 0.3 * torch.randn(*batch_shape, 3, 2, dtype=dtype)
+    log_noise_scale = 0.2 * torch.randn(*batch_shape, 3, 1, dtype=dtype) - 1.0
+    return {
+        **params,
+        "noise_loc": noise_loc.requires_grad_(),
+        "log_noise_scale": log_noise_scale.requires_grad_(),
+    }
+
+
+def _noisy(params):
+    """Per-component additive error and a shift shared by the components (exact rsample)."""
+    noise = [
+        AdditiveNormal(params["noise_loc"], params["log_noise_scale"].exp()),
+        IntegerShift(-1, 2),
+    ]
+    return NoisyMixture(_mixture(DiagNormalMixture)(params), noise)
+
+
 EXAMPLES = [
     Example("DiagNormalMixture", _mixture_params(3, 2), _mixture(DiagNormalMixture)),
     Example("DiagNormalMixture-probs", _mixture_params(2, 3, "probs"), _mixture(DiagNormalMixture)),
@@ -105,6 +126,7 @@ EXAMPLES = [
         unbiased_gradient=False,
     ),
     Example("MixtureBaseFlow", _mixture_params(3, 2), _flow, unbiased_gradient=False),
+    Example("NoisyMixture", _noisy_params, _noisy, unbiased_gradient=False),
 ]
 
 

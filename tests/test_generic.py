@@ -136,7 +136,7 @@ def _cos_objective(d, a, b):
 def test_rsample_gradient_is_unbiased(example):
     """Mean of independent pathwise gradient estimates against the analytic gradient."""
     if not example.unbiased_gradient:
-        pytest.skip("biased by design (relaxed, straight-through) or no closed form (flows)")
+        pytest.skip("biased by design (relaxed, straight-through) or checked in its own file")
     params, d = example((2,))
     dim = d.event_shape[0]
     a = torch.linspace(-0.9, 0.7, dim, dtype=torch.float64)

@@ -3,5 +3,19 @@ r"""Mixture-based distributions for Pyro and ``torch.distributions``."""
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.distributions.gumbel_softmax_mixture import GumbelSoftmaxMixture
 from pyro_mixflow.distributions.mixture_base_flow import MixtureBaseFlow
+from pyro_mixflow.distributions.noisy_mixture import (
+    AdditiveNormal,
+    IntegerShift,
+    NoisyMixture,
+    ScaleJitter,
+)
 
-__all__ = ["DiagNormalMixture", "GumbelSoftmaxMixture", "MixtureBaseFlow"]
+__all__ = [
+    "AdditiveNormal",
+    "DiagNormalMixture",
+    "GumbelSoftmaxMixture",
+    "IntegerShift",
+    "MixtureBaseFlow",
+    "NoisyMixture",
+    "ScaleJitter",
+]
