@@ -2,6 +2,7 @@ r"""Mixture-based distributions for Pyro and ``torch.distributions``: density mo
 
 from pyro_mixflow.deconvolution import deconvolve
 from pyro_mixflow.distributions import (
+    ClassifierWeightedMixture,
     DiagNormalMixture,
     GumbelSoftmaxMixture,
     MixtureBaseFlow,
@@ -12,6 +13,7 @@ from pyro_mixflow.training import History, fit
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ClassifierWeightedMixture",
     "DiagNormalMixture",
     "GumbelSoftmaxMixture",
     "History",

@@ -15,7 +15,12 @@ import torch
 from torch.distributions import Distribution
 
 from pyro_mixflow import DiagNormalMixture, GumbelSoftmaxMixture, MixtureBaseFlow
-from pyro_mixflow.distributions import AdditiveNormal, IntegerShift, NoisyMixture
+from pyro_mixflow.distributions import (
+    AdditiveNormal,
+    ClassifierWeightedMixture,
+    IntegerShift,
+    NoisyMixture,
+)
 
 BATCH_SHAPES = [(), (2,), (2, 3)]
 SAMPLE_SHAPES = [(), (4,), (2, 5)]
@@ -33,6 +38,7 @@ class Example:
         exact_rsample: ``rsample`` draws follow ``log_prob`` (not true of relaxed samplers).
         unbiased_gradient: the ``rsample`` gradient is unbiased for ``grad E_p[f]``, checked
             against the closed form of a diagonal Gaussian mixture (mixtures only).
+        has_rsample: the distribution reparameterizes; the ``rsample`` checks skip it if not.
     """
 
     name: str
@@ -40,6 +46,7 @@ class Example:
     build: Callable[[dict[str, torch.Tensor]], Distribution]
     exact_rsample: bool = True
     unbiased_gradient: bool = True
+    has_rsample: bool = True
 
     def __call__(self, batch_shape=(), dtype=torch.float64, seed=0):
         with torch.random.fork_rng():
@@ -108,6 +115,21 @@ def _noisy(params):
     return NoisyMixture(_mixture(DiagNormalMixture)(params), noise)
 
 
+def _cwm_params(batch_shape, dtype):
+    params = _mixture_params(3, 2)(batch_shape, dtype)
+    del params["logits"]
+    return params
+
+
+def _cwm(params):
+    """A classifier weighted mixture whose classifier is a fixed random tanh MLP."""
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    net = net.to(params["locs"].dtype)
+    return ClassifierWeightedMixture(params["locs"], params["log_scales"].exp(), net)
+
+
 EXAMPLES = [
     Example("DiagNormalMixture", _mixture_params(3, 2), _mixture(DiagNormalMixture)),
     Example("DiagNormalMixture-probs", _mixture_params(2, 3, "probs"), _mixture(DiagNormalMixture)),
@@ -127,6 +149,14 @@ EXAMPLES = [
     ),
     Example("MixtureBaseFlow", _mixture_params(3, 2), _flow, unbiased_gradient=False),
     Example("NoisyMixture", _noisy_params, _noisy, unbiased_gradient=False),
+    Example(
+        "ClassifierWeightedMixture",
+        _cwm_params,
+        _cwm,
+        exact_rsample=False,
+        unbiased_gradient=False,
+        has_rsample=False,
+    ),
 ]
 
 

@@ -1,5 +1,6 @@
 r"""Mixture-based distributions for Pyro and ``torch.distributions``."""
 
+from pyro_mixflow.distributions.classifier_weighted_mixture import ClassifierWeightedMixture
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.distributions.gumbel_softmax_mixture import GumbelSoftmaxMixture
 from pyro_mixflow.distributions.mixture_base_flow import MixtureBaseFlow
@@ -12,6 +13,7 @@ from pyro_mixflow.distributions.noisy_mixture import (
 
 __all__ = [
     "AdditiveNormal",
+    "ClassifierWeightedMixture",
     "DiagNormalMixture",
     "GumbelSoftmaxMixture",
     "IntegerShift",

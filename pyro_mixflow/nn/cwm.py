@@ -1,0 +1,113 @@
+r"""A trainable classifier weighted mixture (lazy distribution) with EM initialization."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from pyro_mixflow.distributions.classifier_weighted_mixture import ClassifierWeightedMixture
+from pyro_mixflow.nn.gmm import em_diagonal
+
+__all__ = ["CWM"]
+
+
+class CWM(nn.Module):
+    r"""A trainable classifier weighted mixture; calling it returns a fresh distribution.
+
+    .. math:: p(x) = \sum_k w_k(z_k)\, \mathcal{N}(z_k; 0, I) \prod_d \sigma_{kd}^{-1},
+              \qquad z_k = (x - \mu_k) / \sigma_k, \quad w = \operatorname{softmax}(f(z)),
+
+    with :math:`f` an MLP ``[D, *hidden_dims, K]``. Parameters are ``locs``, ``log_scales``
+    (:math:`\sigma = e^{s}`) and the MLP ``classifier``. :meth:`init_from_data` sets the
+    components to an EM fit and the MLP's last layer to weight 0 and bias :math:`\log \pi`,
+    so that the model starts *equal* to the EM mixture of diagonal Gaussians; training then
+    only adds position-dependent weights.
+
+    Args:
+        input_dim: Dimension :math:`D` of the data.
+        num_components: Number of components :math:`K`.
+        hidden_dims: Widths of the classifier's hidden layers.
+        activation: Activation module class between layers.
+
+    Example:
+        >>> model = CWM(2, num_components=3, hidden_dims=(16,))
+        >>> data = torch.randn(500, 2)
+        >>> model.init_from_data(data)().log_prob(data).shape
+        torch.Size([500])
+
+    References:
+        Classifier Weighted Mixture Models. E. Argouarc'h, F. Desbouvries, E. Barat,
+        E. Kawasaki, T. Dautremer, 2023.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_components: int = 8,
+        hidden_dims: Sequence[int] = (128, 128, 128),
+        activation: Callable[[], nn.Module] = nn.Tanh,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("input_dim", input_dim)
+        _check_positive_int("num_components", num_components)
+        hidden_dims = tuple(hidden_dims)
+        for width in hidden_dims:
+            _check_positive_int("hidden_dims[i]", width)
+        self.input_dim, self.num_components = input_dim, num_components
+        self.locs = nn.Parameter(torch.randn(num_components, input_dim))
+        self.log_scales = nn.Parameter(torch.zeros(num_components, input_dim))
+        widths = (input_dim, *hidden_dims, num_components)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
+            if i > 0:
+                layers.append(activation())
+            layers.append(nn.Linear(a, b))
+        self.classifier = nn.Sequential(*layers)
+
+    def forward(self, context: torch.Tensor | None = None) -> ClassifierWeightedMixture:
+        """Returns the distribution at the current parameters (``context`` is not used yet)."""
+        if context is not None:
+            raise ValueError("`CWM` is unconditional: `context` must be None")
+        return ClassifierWeightedMixture(self.locs, self.log_scales.exp(), self.classifier)
+
+    @torch.no_grad()
+    def init_from_data(self, data: torch.Tensor, *, max_iter: int = 200, seed: int = 0) -> CWM:
+        r"""Starts the model at a maximum-likelihood EM fit of a diagonal Gaussian mixture.
+
+        Means and scales come from scikit-learn's ``GaussianMixture(covariance_type="diag")``
+        (see :func:`~pyro_mixflow.nn.gmm.em_diagonal`); the classifier's last layer gets weight
+        0 and bias :math:`\log \pi`, so :math:`w(z) = \pi` for every :math:`z` and the model's
+        density equals the EM mixture's.
+
+        Args:
+            data: Array or tensor of shape ``(N, D)`` with ``N >= num_components``.
+            max_iter: EM iterations.
+            seed: Seed of the k-means initialization of EM.
+
+        Returns:
+            ``self``, for chaining.
+        """
+        if data.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"`data.shape[-1]` ({data.shape[-1]}) does not match `input_dim` ({self.input_dim})"
+            )
+        means, variances, weights = em_diagonal(
+            data, self.num_components, max_iter=max_iter, seed=seed
+        )
+        like = self.locs
+        self.locs.copy_(torch.as_tensor(means, dtype=like.dtype, device=like.device))
+        self.log_scales.copy_(
+            0.5 * torch.as_tensor(variances, dtype=like.dtype, device=like.device).log()
+        )
+        last = self.classifier[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.as_tensor(weights, dtype=like.dtype, device=like.device).log())
+        return self
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
