@@ -6,6 +6,7 @@ import io
 import math
 
 import pytest
+import scipy.stats
 import torch
 from pyro.distributions.testing.gof import auto_goodness_of_fit
 
@@ -115,17 +116,51 @@ def test_log_prob_integrates_to_one(example):
 
 @pytest.mark.parametrize("method", ["sample", "rsample"])
 def test_samples_match_log_prob(example, method):
-    """Goodness of fit of draws against ``log_prob`` for each element of a batch."""
+    """Goodness of fit of draws against ``log_prob`` for each element of a batch.
+
+    1-D and 3-D: Pyro's ``auto_goodness_of_fit``. 2-D: a chi-square test of the draws' counts in
+    a grid of cells against the cells' masses integrated from ``log_prob`` (Pyro's 2-D
+    nearest-neighbour test is poorly calibrated: p < 1e-3 for 7 of 60 seeds of an exact sampler).
+    """
     _, d = example((2,))
     if method == "rsample" and not (example.has_rsample and example.exact_rsample):
         pytest.skip("no rsample, or relaxed draws that do not follow the density")
     num_samples = 4000
     with torch.no_grad():
         x = getattr(d, method)((num_samples,))
-        probs = d.log_prob(x).exp()
-    for b in range(2):
-        gof = auto_goodness_of_fit(x[:, b], probs[:, b])
-        assert gof > 1e-3, f"batch element {b}: gof {gof}"
+        for b in range(2):
+            if d.event_shape[0] == 2:
+                p_value = _chi_square_2d(
+                    x[:, b], lambda v, b=b: d.log_prob(v.unsqueeze(-2))[..., b]
+                )
+            else:
+                p_value = auto_goodness_of_fit(x[:, b], d.log_prob(x).exp()[:, b])
+            assert p_value > 1e-3, f"batch element {b}: p = {p_value}"
+
+
+def _chi_square_2d(x, log_prob, cells=8, sub=12):
+    """p-value of Pearson's chi-square: draws in ``cells`` x ``cells`` boxes between their 1% and
+    99% quantiles (plus one cell for the rest) against masses from a ``sub`` x ``sub`` midpoint
+    rule in each box; boxes expecting fewer than 5 draws join the rest."""
+    lo, hi = torch.quantile(x, 0.01, dim=0), torch.quantile(x, 0.99, dim=0)
+    edges = [torch.linspace(lo[i], hi[i], cells + 1, dtype=x.dtype) for i in range(2)]
+    steps = [(e[1] - e[0]) / sub for e in edges]
+    mids = [
+        e[0] + steps[i] * (torch.arange(cells * sub, dtype=x.dtype) + 0.5)
+        for i, e in enumerate(edges)
+    ]
+    grid = torch.stack(torch.meshgrid(*mids, indexing="ij"), -1)  # [C*s, C*s, 2]
+    mass = log_prob(grid).exp() * steps[0] * steps[1]
+    mass = mass.reshape(cells, sub, cells, sub).sum((1, 3)).flatten()  # [C*C]
+    index = [torch.bucketize(x[:, i].contiguous(), edges[i][1:-1]) for i in range(2)]
+    inside = (x >= lo).all(-1) & (x <= hi).all(-1)
+    counts = torch.bincount((index[0] * cells + index[1])[inside], minlength=cells * cells)
+    expected = mass * len(x)
+    keep = expected >= 5
+    observed = torch.cat([counts[keep].double(), (len(x) - counts[keep].sum()).double().reshape(1)])
+    expected = torch.cat([expected[keep], (len(x) - expected[keep].sum()).reshape(1)])
+    statistic = ((observed - expected).square() / expected).sum().item()
+    return float(scipy.stats.chi2.sf(statistic, len(observed) - 1))
 
 
 def _cos_objective(d, a, b):
