@@ -9,6 +9,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import Categorical, constraints
 
 from pyro_mixflow.distributions._implicit import HALF_LOG_2PI
+from pyro_mixflow.distributions.diag_normal_mixture import _check_locs_scales
 
 __all__ = ["ClassifierWeightedMixture"]
 
@@ -77,28 +78,11 @@ class ClassifierWeightedMixture(TorchDistribution):
         *,
         validate_args: bool | None = None,
     ) -> None:
-        for name, t in (("locs", locs), ("scales", scales)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TypeError(f"`{name}` must have a floating-point dtype, got {t.dtype}")
-            if t.dim() < 2:
-                raise ValueError(f"`{name}` must have shape (*batch, K, D), got {tuple(t.shape)}")
-        if scales.dtype != locs.dtype:
-            raise TypeError(
-                f"`scales.dtype` ({scales.dtype}) differs from `locs.dtype` ({locs.dtype})"
-            )
+        param_shape = _check_locs_scales(locs, scales)
         if not callable(classifier):
             raise TypeError(
                 f"`classifier` must be an nn.Module or callable, got {type(classifier).__name__}"
             )
-        try:
-            param_shape = torch.broadcast_shapes(locs.shape, scales.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"`locs.shape` {tuple(locs.shape)} and `scales.shape` {tuple(scales.shape)} "
-                "do not broadcast"
-            ) from None
         self.locs = locs.expand(param_shape)
         self.scales = scales.expand(param_shape)
         self.classifier = classifier

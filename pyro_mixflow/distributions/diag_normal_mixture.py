@@ -96,20 +96,10 @@ class DiagNormalMixture(TorchDistribution):
             raise ValueError("Either `probs` or `logits` must be specified, but not both.")
         weights_name = "logits" if probs is None else "probs"
         weights = logits if probs is None else probs
-        for name, t in (("locs", locs), ("scales", scales), (weights_name, weights)):
-            _check_float_tensor(name, t, locs)
-        for name, t in (("locs", locs), ("scales", scales)):
-            if t.dim() < 2:
-                raise ValueError(f"`{name}` must have shape (*batch, K, D), got {tuple(t.shape)}")
+        param_shape = _check_locs_scales(locs, scales)
+        _check_float_tensor(weights_name, weights, locs)
         if weights.dim() < 1:
             raise ValueError(f"`{weights_name}` must have shape (*batch, K), got ()")
-        try:
-            param_shape = torch.broadcast_shapes(locs.shape, scales.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"`locs.shape` {tuple(locs.shape)} and `scales.shape` {tuple(scales.shape)} "
-                "do not broadcast"
-            ) from None
         num_components = param_shape[-2]
         if weights.shape[-1] != num_components:
             raise ValueError(
@@ -303,6 +293,21 @@ class DiagNormalMixture(TorchDistribution):
             - scale.log().sum(-1)
             - self.event_shape[0] * HALF_LOG_2PI
         )
+
+
+def _check_locs_scales(locs, scales) -> torch.Size:
+    """Checks ``locs`` and ``scales`` of shape ``(*batch, K, D)``; returns their broadcast shape."""
+    for name, t in (("locs", locs), ("scales", scales)):
+        _check_float_tensor(name, t, locs)
+        if t.dim() < 2:
+            raise ValueError(f"`{name}` must have shape (*batch, K, D), got {tuple(t.shape)}")
+    try:
+        return torch.broadcast_shapes(locs.shape, scales.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"`locs.shape` {tuple(locs.shape)} and `scales.shape` {tuple(scales.shape)} "
+            "do not broadcast"
+        ) from None
 
 
 def _check_float_tensor(name: str, value, reference: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pyro_mixflow.distributions.classifier_weighted_mixture import ClassifierWeightedMixture
-from pyro_mixflow.nn.gmm import em_diagonal
+from pyro_mixflow.nn.gmm import em_parameters
 
 __all__ = ["CWM"]
 
@@ -90,21 +90,12 @@ class CWM(nn.Module):
         Returns:
             ``self``, for chaining.
         """
-        if data.shape[-1] != self.input_dim:
-            raise ValueError(
-                f"`data.shape[-1]` ({data.shape[-1]}) does not match `input_dim` ({self.input_dim})"
-            )
-        means, variances, weights = em_diagonal(
-            data, self.num_components, max_iter=max_iter, seed=seed
-        )
-        like = self.locs
-        self.locs.copy_(torch.as_tensor(means, dtype=like.dtype, device=like.device))
-        self.log_scales.copy_(
-            0.5 * torch.as_tensor(variances, dtype=like.dtype, device=like.device).log()
-        )
+        locs, log_scales, log_weights = em_parameters(data, self.locs, max_iter=max_iter, seed=seed)
+        self.locs.copy_(locs)
+        self.log_scales.copy_(log_scales)
         last = self.classifier[-1]
         last.weight.zero_()
-        last.bias.copy_(torch.as_tensor(weights, dtype=like.dtype, device=like.device).log())
+        last.bias.copy_(log_weights)
         return self
 
 

@@ -86,18 +86,35 @@ class GMM(nn.Module):
         Returns:
             ``self``, for chaining.
         """  # noqa: D205
-        if data.shape[-1] != self.input_dim:
-            raise ValueError(
-                f"`data.shape[-1]` ({data.shape[-1]}) does not match `input_dim` ({self.input_dim})"
-            )
-        means, variances, weights = em_diagonal(
-            data, self.num_components, max_iter=max_iter, seed=seed
-        )
-        like = self.locs
-        self.locs.copy_(torch.as_tensor(means, dtype=like.dtype, device=like.device))
-        self.log_scales.copy_(0.5 * torch.as_tensor(variances, dtype=like.dtype).log())
-        self.logits.copy_(torch.as_tensor(weights, dtype=like.dtype).log())
+        locs, log_scales, log_weights = em_parameters(data, self.locs, max_iter=max_iter, seed=seed)
+        self.locs.copy_(locs)
+        self.log_scales.copy_(log_scales)
+        self.logits.copy_(log_weights)
         return self
+
+
+def em_parameters(
+    data: torch.Tensor | np.ndarray, like: torch.Tensor, *, max_iter: int = 200, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""EM fit of a diagonal mixture as ``(locs, log_scales, log_weights)`` tensors.
+
+    Shaped, typed and placed like ``like``, the ``(K, D)`` means of a model; see
+    :func:`em_diagonal`.
+
+    Example:
+        >>> locs, log_scales, log_weights = em_parameters(torch.randn(200, 2), torch.zeros(3, 2))
+        >>> locs.shape, log_scales.shape, log_weights.shape
+        (torch.Size([3, 2]), torch.Size([3, 2]), torch.Size([3]))
+    """
+    num_components, dim = like.shape
+    if data.shape[-1] != dim:
+        raise ValueError(f"`data.shape[-1]` ({data.shape[-1]}) does not match `input_dim` ({dim})")
+    means, variances, weights = em_diagonal(data, num_components, max_iter=max_iter, seed=seed)
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=like.dtype, device=like.device)
+
+    return tensor(means), 0.5 * tensor(variances).log(), tensor(weights).log()
 
 
 def em_diagonal(
