@@ -7,6 +7,7 @@ from pyro_mixflow.distributions import (
     GumbelSoftmaxMixture,
     MixtureBaseFlow,
     NoisyMixture,
+    RADFlow,
 )
 from pyro_mixflow.training import History, fit
 
@@ -19,6 +20,7 @@ __all__ = [
     "History",
     "MixtureBaseFlow",
     "NoisyMixture",
+    "RADFlow",
     "__version__",
     "deconvolve",
     "fit",

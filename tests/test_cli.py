@@ -1,47 +1,503 @@
-"""The ``pyro-mixflow`` command line: the demo in a few steps, usage errors, module entry."""
+"""The ``pyro-mixflow`` command line: demo, fit/score/sample round trips, one-line errors, atomic
+outputs and Ctrl-C, the model file format, and the module entry point."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import pyro_mixflow
+from pyro_mixflow import _io
+from pyro_mixflow._io import MODELS, build_model, load_model, save_model
 from pyro_mixflow.cli import main
+
+# Tiny, fast models: a few Adam steps, two components, narrow networks, one thread.
+FAST = ["--steps", "3", "--components", "2", "--threads", "1", "--no-progress"]
+HIDDEN = {"gmm": [], "flow": ["--hidden-dims", "8"], "cwm": ["--hidden-dims", "8"]}
+HIDDEN["rad"] = ["--hidden-dims", "8"]
+INTERRUPTED = "pyro-mixflow: interrupted; output files are left as they were\n"
+
+
+def _data(num_rows: int = 120, dim: int = 2, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.choice([-2.0, 2.0], size=(num_rows, 1))
+    return centers + 0.5 * rng.standard_normal((num_rows, dim))
+
+
+def _csv(path: Path, values: np.ndarray, header: str | None = None) -> Path:
+    np.savetxt(path, values, delimiter=",", header=header or "", comments="", fmt="%.17g")
+    return path
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    status = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _fit(capsys, tmp_path: Path, data: Path, model: str = "gmm", *extra: str) -> Path:
+    out = tmp_path / f"{model}.pt"
+    status, _, err = _run(capsys, "fit", data, "--model", model, *FAST, *extra, "--out", out)
+    assert status == 0, err
+    return out
+
+
+def _one_line_error(err: str, pattern: str) -> None:
+    assert err.startswith("pyro-mixflow") and ": error: " in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return list(folder.glob(".*.tmp"))
+
+
+# --- demo (unchanged behaviour) -------------------------------------------------------------
 
 
 def test_demo_prints_a_table_and_writes_a_picture(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    args = ["demo", "--datasets", "8gaussians", "--steps", "5", "--num-train", "500"]
+    args = ["demo", "--datasets", "8gaussians", "--steps", "5", "--num-train", "500", "--threads=1"]
     status = main([*args, "--num-test", "500", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert status == 0
     assert "| 8gaussians | gmm |" in printed and "| 8gaussians | flow |" in printed
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not _leftovers(tmp_path)
+
+
+# --- fit / score / sample -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fit_score_sample_round_trip(model, tmp_path, capsys):
+    x = _data()
+    data = _csv(tmp_path / "data.csv", x, header="a,b")
+    out = tmp_path / f"{model}.pt"
+    args = ["fit", data, "--model", model, *FAST, *HIDDEN[model], "--out", out]
+    status, printed, err = _run(capsys, *args)
+    assert status == 0, err
+    assert printed.count("\n") == 1 and printed.startswith(f"{model} (")
+    assert re.search(r"train log-lik -?\d+\.\d+, validation log-lik -?\d+\.\d+ \(12 rows", printed)
+    assert "on 108 rows of dimension 2" in printed and str(out) in printed
+    assert not _leftovers(tmp_path)
+
+    # The file reloads with its configuration; score is that model's log_prob, exactly.
+    loaded = load_model(out)
+    assert loaded.name == model and loaded.input_dim == 2 and loaded.columns == ("a", "b")
+    assert loaded.kwargs[MODELS[model].components] == 2
+    if HIDDEN[model]:
+        assert loaded.kwargs["hidden_dims"] == (8,)
+    assert loaded.info["steps"] == 3 and loaded.info["train_rows"] == 108
+    status, printed, err = _run(capsys, "score", out, data)
+    assert status == 0, err
+    scores = np.array(printed.split(), dtype=np.float64).astype(np.float32)
+    with torch.no_grad():
+        expected = loaded.model().log_prob(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    assert scores.shape == (120,) and np.array_equal(scores, expected)
+
+    # Samples: the training header, N rows, reproducible with a seed.
+    status, printed, err = _run(capsys, "sample", out, "-n", "7", "--seed", "3")
+    assert status == 0, err
+    lines = printed.splitlines()
+    assert lines[0] == "a,b" and len(lines) == 8
+    draws = np.loadtxt(lines[1:], delimiter=",")
+    assert draws.shape == (7, 2) and np.isfinite(draws).all()
+    assert _run(capsys, "sample", out, "-n", "7", "--seed", "3")[1] == printed
+
+
+def test_saved_models_reload_bit_identical(tmp_path):
+    x = torch.as_tensor(_data(), dtype=torch.float32)
+    for name in MODELS:
+        torch.manual_seed(1)
+        options = {MODELS[name].components: 3}
+        if MODELS[name].hidden_dims:
+            options[MODELS[name].hidden_dims] = (8, 8)
+        model, kwargs = build_model(name, 2, **options)
+        model.init_from_data(x)
+        with torch.no_grad():  # parameters off their initial values, as after training
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        save_model(tmp_path / f"{name}.pt", model, name, kwargs, columns=("u", "v"))
+        loaded = load_model(tmp_path / f"{name}.pt")
+        assert type(loaded.model) is type(model) and loaded.kwargs == kwargs
+        assert loaded.columns == ("u", "v") and not loaded.model.training
+        with torch.no_grad():
+            assert torch.equal(loaded.model().log_prob(x), model().log_prob(x)), name
+        # Every plain constructor argument is recorded, the defaults included.
+        assert kwargs["input_dim"] == 2 and len(kwargs) >= 3
+
+
+def test_model_file_is_plain_and_safe_to_load(tmp_path):
+    model, kwargs = build_model("gmm", 2, num_components=2)
+    save_model(tmp_path / "m.pt", model, "gmm", kwargs, info={"note": "x"})
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["format"] == "pyro-mixflow-model" and payload["format_version"] == 1
+    assert payload["pyro_mixflow_version"] == pyro_mixflow.__version__
+    assert payload["model"] == "gmm" and payload["kwargs"] == kwargs
+    assert set(payload["state_dict"]) == set(model.state_dict())
+    with pytest.raises(TypeError, match=r"`activation` .* is not a plain value"):
+        save_model(tmp_path / "n.pt", model, "gmm", {**kwargs, "activation": torch.nn.Tanh})
+    with pytest.raises(TypeError, match=r"`activation` .* is not a plain value"):
+        build_model("cwm", 2, activation=torch.nn.ReLU)
+    with pytest.raises(ValueError, match=r"unknown model 'vae'; choose one of gmm, flow, cwm"):
+        build_model("vae", 2)
+
+
+def test_csv_with_and_without_header_and_npy_agree(tmp_path, capsys):
+    x = _data()
+    with_header = _csv(tmp_path / "h.csv", x, header="a,b")
+    plain = _csv(tmp_path / "p.csv", x)
+    array = tmp_path / "x.npy"
+    np.save(array, x)
+    model = _fit(capsys, tmp_path, plain)
+    assert load_model(model).columns is None
+    outputs = [_run(capsys, "score", model, path)[1] for path in (with_header, plain, array)]
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0].split()) == 120
+    # No header in training data: none in samples either.
+    first = _run(capsys, "sample", model, "-n", "2")[1].splitlines()[0]
+    assert len(np.array(first.split(","), dtype=float)) == 2
+
+
+def test_score_checks_column_names_when_both_have_them(tmp_path, capsys):
+    x = _data()
+    model = _fit(capsys, tmp_path, _csv(tmp_path / "ab.csv", x, header="a,b"))
+    swapped = _csv(tmp_path / "ba.csv", x[:, ::-1], header="b,a")
+    status, printed, err = _run(capsys, "score", model, swapped)
+    assert status == 2 and printed == ""
+    _one_line_error(err, r"has columns \(b, a\) but MODEL \S+ was fitted to \(a, b\); reorder")
+    assert _run(capsys, "score", model, _csv(tmp_path / "plain.csv", x))[0] == 0
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "text",
+    ["a, b\n1, 2\n3, 4.5\n", "1,2\n\n3,4\n", "\ufeffx\n1\n2\n", ' "a","b"\n1,-2e3\n', "1\n2\n"],
+)
+def test_fast_and_careful_csv_readers_agree(text, tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text(text, encoding="utf-8")
+    fast = _io._read_text_fast(path)
+    assert fast is not None
+    values, columns, _ = _io._read_text(path, "DATA")
+    assert np.array_equal(fast[0], values) and fast[1] == columns
+
+
+def test_one_dimensional_npy(tmp_path, capsys):
+    array = tmp_path / "x.npy"
+    np.save(array, _data(dim=1)[:, 0].astype(np.float32))
+    model = _fit(capsys, tmp_path, array)
+    assert load_model(model).input_dim == 1
+    status, printed, _ = _run(capsys, "sample", model, "-n", "4", "--seed", "0")
+    assert status == 0 and np.loadtxt(printed.splitlines()).shape == (4,)
+
+
+def test_score_and_sample_write_csv_and_npy_files(tmp_path, capsys):
+    data = _csv(tmp_path / "data.csv", _data())
+    model = _fit(capsys, tmp_path, data)
+    stdout = np.array(_run(capsys, "score", model, data)[1].split(), dtype=np.float32)
+    assert _run(capsys, "score", model, data, "--out", tmp_path / "s.csv") == (0, "", "")
+    assert _run(capsys, "score", model, data, "--out", tmp_path / "out" / "s.npy")[0] == 0
+    assert np.array_equal(np.loadtxt(tmp_path / "s.csv", dtype=np.float32), stdout)
+    assert np.array_equal(np.load(tmp_path / "out" / "s.npy"), stdout)
+    for name in ("d.csv", "d.npy"):
+        assert _run(capsys, "sample", model, "-n", "9", "--seed", "0", "--out", tmp_path / name)
+    from_csv = np.loadtxt(tmp_path / "d.csv", delimiter=",", dtype=np.float32)
+    from_npy = np.load(tmp_path / "d.npy")
+    assert from_npy.shape == (9, 2) and np.array_equal(from_csv, from_npy)
+    assert not _leftovers(tmp_path) and not _leftovers(tmp_path / "out")
+
+
+def test_sample_in_chunks_and_without_validation(tmp_path, capsys, monkeypatch):
+    data = _csv(tmp_path / "data.csv", _data())
+    model = tmp_path / "m.pt"
+    args = ["fit", data, "--model", "gmm", *FAST, "--validation", "0", "--out", model]
+    status, printed, _ = _run(capsys, *args)
+    assert status == 0 and "no validation" in printed and "on 120 rows" in printed
+    monkeypatch.setattr("pyro_mixflow.cli.CHUNK_ROWS", 4)
+    status, printed, _ = _run(capsys, "sample", model, "-n", "10", "--no-progress")
+    assert status == 0 and np.loadtxt(printed.splitlines(), delimiter=",").shape == (10, 2)
+
+
+def test_threads_option_is_restored(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    data = _csv(tmp_path / "data.csv", _data())
+    _fit(capsys, tmp_path, data)  # runs with --threads 1
+    assert torch.get_num_threads() == threads
+
+
+# --- bad input: one line on stderr, exit status 2, nothing written --------------------------
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,content,pattern",
     [
-        (["demo", "--datasets", "nope", "--steps", "1"], "nope"),
-        (["demo", "--steps", "0"], "`--steps` must be >= 1"),
+        ("missing.csv", None, r"DATA \S*missing.csv does not exist"),
+        ("empty.csv", "", r"empty.csv is empty: it has no data rows"),
+        ("blank.csv", "\n  \n", r"is empty: it has no data rows"),
+        ("header.csv", "a,b\n", r"is empty: it has a header but no data rows"),
+        ("ragged.csv", "1,2\n3,4\n5,6,7\n", r"line 3 has 3 value\(s\), but line 1 has 2$"),
+        ("ragged2.csv", "a,b\n1\n", r"line 2 has 1 value\(s\), but the header has 2$"),
+        ("text.csv", "1,2\n3,x\n", r"line 2, column 2: 'x' is not a number$"),
+        ("hole.csv", "1,2\n,4\n", r"line 2, column 1: an empty field is not a number$"),
+        ("mixed.csv", "a,1\n2,3\n", r"line 1, column 1: 'a' is not a number$"),
+        ("nan.csv", "1,2\n\n3,nan\n4,-inf\n", r"2 row\(s\) with NaN or inf.* \(first: line 3\)"),
+        ("big.csv", "1,2\n1e39,0\n", r"1 row\(s\) with values beyond the float32 range \(first"),
+        ("binary.csv", b"\x89PNG\r\n\x1a\n\xff\xfe", r"binary.csv is not UTF-8 text"),
+        ("inf.npy", np.array([[0.0, 1.0], [np.inf, 0.0]]), r"NaN or infinite.* \(first: index 1\)"),
+        ("objects.npy", np.array([{}, 1], dtype=object), r"cannot be read \(it holds Python obj"),
+        ("cube.npy", np.zeros((3, 2, 2)), r"must have shape \(N, D\) or \(N,\), got \(3, 2, 2\)"),
+        ("none.npy", np.zeros((0, 2)), r"none.npy is empty \(shape \(0, 2\)\)"),
+        ("flags.npy", np.ones((3, 2), dtype=bool), r"must hold real numbers, got dtype bool"),
+        ("fake.npy", "1,2\n", r"fake.npy cannot be read \(not a .npy array\)"),
+    ],
+)  # fmt: skip
+def test_bad_data_is_one_line_and_nothing_is_written(name, content, pattern, tmp_path, capsys):
+    path = tmp_path / name
+    if isinstance(content, np.ndarray):
+        np.save(path, content, allow_pickle=True)
+    elif content is not None:
+        _write(path, content)
+    out = tmp_path / "m.pt"
+    status, printed, err = _run(capsys, "fit", path, "--model", "gmm", *FAST, "--out", out)
+    assert status == 2 and printed == ""
+    _one_line_error(err, pattern)
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--components", "200"], r"`--components` \(200\) is more than the 108 training row"),
+        (["--hidden-dims", "8"], r"`--hidden-dims` does not apply to `--model gmm`"),
+        (["--model", "flow", "--hidden-dims", "8", "16"], r"`--model flow`: `hidden_dims` must"),
+        (["--steps", "0"], r"fit: error: argument --steps: expected a positive integer, got '0'"),
+        (["--epochs", "2"], r"argument --epochs: not allowed with argument --steps"),
+        (["--lr", "-1"], r"argument --lr: expected a positive number, got '-1'"),
+        (["--validation", "1"], r"argument --validation: expected a fraction in \[0, 1\)"),
+        (["--model", "nope"], r"argument --model: invalid choice: 'nope'"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pyro-mixflow: error:") and message in err
-    assert "Traceback" not in err and err.count("\n") == 1
+def test_bad_fit_options(args, pattern, tmp_path, capsys):
+    data = _csv(tmp_path / "data.csv", _data())
+    out = tmp_path / "m.pt"
+    status, _, err = _run(capsys, "fit", data, "--model", "gmm", *FAST, *args, "--out", out)
+    assert status == 2
+    _one_line_error(err, pattern)
+    assert not out.exists()
 
 
-def test_no_command_prints_help(capsys):
+def test_fit_needs_out_and_training_rows(tmp_path, capsys):
+    data = _csv(tmp_path / "data.csv", _data(num_rows=1))
+    status, _, err = _run(capsys, "fit", data, "--model", "gmm")
+    assert status == 2
+    _one_line_error(err, r"the following arguments are required: --out")
+    args = ["fit", data, "--model", "gmm", "--validation", "0.5", "--out", tmp_path / "m.pt"]
+    _one_line_error(_run(capsys, *args)[2], r"`--validation 0.5` leaves no training rows out of 1")
+    args = ["fit", data, "--model", "gmm", "--out", tmp_path]
+    _one_line_error(_run(capsys, *args)[2], r"`--out` \S+ is a directory; give a file name")
+
+
+class _Boom:
+    """A pickle that would run code when unpickled; a safe load must refuse it."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _bad_model_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    model, kwargs = build_model("gmm", 2, num_components=2)
+    good = folder / "good.pt"
+    save_model(good, model, "gmm", kwargs)
+    files = {}
+
+    def variant(name: str, pattern: str, **changes) -> None:
+        payload = torch.load(good, weights_only=True)
+        payload.update(changes)
+        torch.save(payload, folder / name)
+        files[name] = (folder / name, pattern)
+
+    boom = folder / "boom.pt"
+    boom.write_bytes(pickle.dumps({"x": _Boom(folder / "SHOULD_NOT_EXIST")}))
+    files["boom"] = (boom, r"holds Python objects that a safe load refuses to run")
+    files["missing"] = (folder / "nope.pt", r"MODEL \S*nope.pt does not exist")
+    files["folder"] = (folder, r"is a directory, not a model file")
+    files["text"] = (_write(folder / "t.pt", "hello\n"), r"is not a readable PyTorch file")
+    files["empty"] = (_write(folder / "e.pt", ""), r"is not a readable PyTorch file \(EOFError\)")
+    torch.save(model.state_dict(), folder / "weights.pt")
+    files["state_dict"] = (folder / "weights.pt", r"is a PyTorch file but not a pyro-mixflow model")
+    variant("future.pt", r"has format version 2, newer than this pyro-mixflow reads \(1\)",
+            format_version=2)  # fmt: skip
+    variant("unknown.pt", r"holds model 'vae', which this pyro-mixflow does not know", model="vae")
+    variant("mismatch.pt", r"its parameters do not fit model 'gmm' with its saved configuration",
+            kwargs={**kwargs, "num_components": 5})  # fmt: skip
+    variant("damaged.pt", r"is damaged: no configuration or no parameters", state_dict=None)
+    return files
+
+
+def test_bad_model_files_are_one_line_errors(tmp_path, capsys):
+    data = _csv(tmp_path / "data.csv", _data())
+    for name, (path, pattern) in _bad_model_files(tmp_path).items():
+        for command in (["score", path, data], ["sample", path, "-n", "3"]):
+            status, printed, err = _run(capsys, *command)
+            assert not (tmp_path / "SHOULD_NOT_EXIST").exists()  # the pickle did not run
+            assert status == 2 and printed == "", name
+            _one_line_error(err, pattern)
+    assert not (tmp_path / "SHOULD_NOT_EXIST").exists()
+
+
+@pytest.mark.parametrize(
+    "command,pattern",
+    [
+        (["score", "{model}", "{data3}"], r"has 3 column\(s\) but MODEL \S+ \(gmm\) was fitted to"),
+        (["score", "{model}", "{data}", "--out", "s.txt"], r"`--out` must end in .csv or .npy, "),
+        (["sample", "{model}", "-n", "3", "--out", "s.json"], r"`--out` must end in .csv or .npy"),
+        (["sample", "{model}", "-n", "0"], r"sample: error: argument -n/--num-samples: expected a"),
+        (["sample", "{model}", "-n", "1.5"], r"expected a positive integer, got '1.5'"),
+        (["sample", "{model}", "-n", "ten"], r"expected a positive integer, got 'ten'"),
+        (["sample", "{model}"], r"the following arguments are required: -n/--num-samples"),
+        (["score", "{model}"], r"the following arguments are required: DATA"),
+    ],
+)  # fmt: skip
+def test_bad_score_and_sample_arguments(command, pattern, tmp_path, capsys):
+    data = _csv(tmp_path / "data.csv", _data())
+    paths = {
+        "model": _fit(capsys, tmp_path, data),
+        "data": data,
+        "data3": _csv(tmp_path / "data3.csv", _data(dim=3)),
+    }
+    status, printed, err = _run(capsys, *(part.format(**paths) for part in command))
+    assert status == 2 and printed == ""
+    _one_line_error(err, pattern)
+
+
+def test_demo_bad_input(capsys):
+    for args, message in [
+        (["demo", "--datasets", "nope", "--steps", "1"], "nope"),
+        (["demo", "--steps", "0"], "`--steps` must be >= 1"),
+    ]:
+        assert main(args) == 2
+        _one_line_error(capsys.readouterr().err, re.escape(message))
+
+
+# --- Ctrl-C and failures: exit status, one line, no half-written output ---------------------
+
+
+def test_ctrl_c_during_training_leaves_no_model(tmp_path, capsys, monkeypatch):
+    data = _csv(tmp_path / "data.csv", _data())
+    calls = []
+    forward = pyro_mixflow.nn.GMM.forward
+
+    def interrupted(self, context=None):
+        calls.append(1)
+        if len(calls) > 3:  # after EM and the first steps: in the middle of training
+            raise KeyboardInterrupt
+        return forward(self, context)
+
+    monkeypatch.setattr(pyro_mixflow.nn.GMM, "forward", interrupted)
+    out = tmp_path / "m.pt"
+    args = ["fit", data, "--model", "gmm", *FAST[2:], "--steps", "50", "--out", out]
+    status, printed, err = _run(capsys, *args)
+    assert status == 130 and printed == "" and len(calls) == 4
+    assert err == INTERRUPTED
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("target", ["model", "csv", "npy"])
+def test_ctrl_c_while_writing_keeps_the_old_file(target, tmp_path, capsys, monkeypatch):
+    data = _csv(tmp_path / "data.csv", _data())
+    model = _fit(capsys, tmp_path, data)
+    out = tmp_path / {"model": "m.pt", "csv": "s.csv", "npy": "s.npy"}[target]
+    out.write_bytes(b"previous content")
+
+    def half_written(file, *args, **kwargs):
+        file.write(b"partial" if "b" in getattr(file, "mode", "b") else "partial")
+        raise KeyboardInterrupt
+
+    if target == "model":
+        monkeypatch.setattr(_io.torch, "save", lambda obj, file: half_written(file))
+        command = ["fit", data, "--model", "gmm", *FAST, "--out", out]
+    else:
+        monkeypatch.setattr(_io.np, "savetxt" if target == "csv" else "save", half_written)
+        command = ["score", model, data, "--out", out]
+    status, _, err = _run(capsys, *command)
+    assert status == 130 and err == INTERRUPTED
+    assert out.read_bytes() == b"previous content" and not _leftovers(tmp_path)
+
+
+def test_divergence_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
+    def diverges(*args, **kwargs):
+        raise RuntimeError("Training diverged at step 2 of 3: the training loss is nan;\nhint")
+
+    monkeypatch.setattr(pyro_mixflow, "fit", diverges)
+    data = _csv(tmp_path / "data.csv", _data())
+    out = tmp_path / "m.pt"
+    status, _, err = _run(capsys, "fit", data, "--model", "gmm", *FAST, "--out", out)
+    assert status == 1 and not out.exists()
+    _one_line_error(err, r"Training diverged at step 2 of 3: the training loss is nan; hint$")
+
+
+def test_closed_stdout_is_quiet(tmp_path, capsys, monkeypatch):
+    model = _fit(capsys, tmp_path, _csv(tmp_path / "data.csv", _data()))
+
+    def broken_pipe(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("pyro_mixflow.cli.write_rows", broken_pipe)
+    status, _, err = _run(capsys, "sample", model, "-n", "3")
+    assert status == 1 and err == ""
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    with _io.atomic_write(tmp_path / "a" / "b.txt", text=True) as file:
+        file.write("x")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (tmp_path / "a" / "b.txt").stat().st_mode == plain.stat().st_mode
+
+
+# --- help, version, entry point -------------------------------------------------------------
+
+
+def test_help_and_version(capsys):
     assert main([]) == 2
-    assert "demo" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in ("demo", "fit", "score", "sample", "examples:"))
+    for command, expected in [
+        ("fit", "--components K"),
+        ("score", "log p(x)"),
+        ("sample", "-n N, --num-samples N"),
+    ]:
+        assert main([command, "--help"]) == 0
+        assert expected in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"pyro-mixflow {pyro_mixflow.__version__}\n"
 
 
-def test_module_entry_point():
+def test_module_entry_point_fits_a_model(tmp_path):
+    _csv(tmp_path / "data.csv", _data())
+    env = {**os.environ, "PYTHONPATH": str(Path(pyro_mixflow.__file__).parents[1])}
+    command = [sys.executable, "-m", "pyro_mixflow", "fit", "data.csv", "--model", "gmm", *FAST]
     out = subprocess.run(
-        [sys.executable, "-m", "pyro_mixflow", "--version"], capture_output=True, text=True
+        [*command, "--out", "m.pt"], capture_output=True, text=True, cwd=tmp_path, env=env
     )
-    assert out.returncode == 0 and out.stdout.startswith("pyro-mixflow ")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("gmm (num_components=2") and (tmp_path / "m.pt").is_file()

@@ -428,3 +428,16 @@ def test_deconvolution_recovers_the_latent_components():
     assert abs(mean_log_lik.item() - fit.log_likelihood[-1]) < 1e-6
     grads = torch.autograd.grad(mean_log_lik, [locs, log_scales, logits])
     assert max(g.abs().max().item() for g in grads) < 1e-4
+
+
+def test_jitter_log_prob_in_float32_with_flush_denormal():
+    """The smallest quadrature weights are subnormal in float32; their logs come from float64."""
+    mixture = DiagNormalMixture(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2))
+    noisy = NoisyMixture(mixture, ScaleJitter(0.5))
+    reference = noisy.log_prob(torch.zeros(3, 1))
+    torch.set_flush_denormal(True)
+    try:
+        flushed = noisy.log_prob(torch.zeros(3, 1))
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.allclose(flushed, reference)

@@ -10,6 +10,7 @@ from pyro_mixflow.distributions.noisy_mixture import (
     NoisyMixture,
     ScaleJitter,
 )
+from pyro_mixflow.distributions.rad_flow import RADFlow
 
 __all__ = [
     "AdditiveNormal",
@@ -19,5 +20,6 @@ __all__ = [
     "IntegerShift",
     "MixtureBaseFlow",
     "NoisyMixture",
+    "RADFlow",
     "ScaleJitter",
 ]

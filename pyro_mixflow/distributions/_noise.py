@@ -93,9 +93,11 @@ class IntegerShift:
 
 
 def half_normal_quadrature(order: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-    r"""Gauss rule for :math:`|Z|`, :math:`Z \sim \mathcal{N}(0, 1)`: nodes and weights.
+    r"""Gauss rule for :math:`|Z|`, :math:`Z \sim \mathcal{N}(0, 1)`: nodes and log-weights.
 
-    :math:`E f(|Z|) \approx \sum_j w_j f(t_j)`.
+    :math:`E f(|Z|) \approx \sum_j w_j f(t_j)`. The weights are returned as logarithms taken
+    in double precision: the smallest are subnormal or zero in float32 (``5.6e-45`` at order
+    48, flushed to 0 under ``torch.set_flush_denormal(True)``).
 
     The nodes are those of the orthogonal polynomials of the weight
     :math:`\sqrt{2/\pi}\, e^{-t^2/2}` on :math:`[0, \infty)` ("half-range Gauss-Hermite"),
@@ -105,7 +107,7 @@ def half_normal_quadrature(order: int, dtype: torch.dtype, device) -> tuple[torc
     nodes, weights = _half_normal_rule(order)
     return (
         torch.as_tensor(nodes, dtype=dtype, device=device),
-        torch.as_tensor(weights, dtype=dtype, device=device),
+        torch.as_tensor(np.log(weights), dtype=dtype, device=device),
     )
 
 

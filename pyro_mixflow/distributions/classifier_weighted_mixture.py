@@ -39,7 +39,9 @@ class ClassifierWeightedMixture(TorchDistribution):
     ``sample`` and :meth:`rao_blackwell` evaluate it once per draw, :math:`K` outputs. A
     reverse-KL objective :math:`\sum_k w_k [\log p(x_k) - \log \pi(x_k)]` also needs
     ``log_prob`` at the :math:`K` branch values, hence :math:`K^3` outputs per base draw
-    (the authors' code pays the same), unless its entropy part is estimated otherwise.
+    (the authors' code pays the same); :meth:`rao_blackwell_log_prob` estimates that entropy
+    part without bias, exactly up to an overlap term sampled from :math:`m` branches,
+    :math:`mK^2` outputs per draw.
 
     Args:
         locs: Component locations :math:`\mu`, shape ``(*batch, K, D)``.
@@ -199,6 +201,165 @@ class ClassifierWeightedMixture(TorchDistribution):
         values = self.locs + self.scales * z.unsqueeze(-2)  # [*S, *B, K, D]
         log_weights = self._logits(z).log_softmax(-1)  # [*S, *B, K]
         return values, log_weights
+
+    def rao_blackwell_log_prob(
+        self,
+        values: torch.Tensor,
+        log_weights: torch.Tensor,
+        *,
+        num_branches: int = 2,
+        stick_the_landing: bool = False,
+    ) -> torch.Tensor:
+        r"""Unbiased estimate of :math:`\sum_k w_k \log p(x_k)` from ``num_branches`` branches.
+
+        The entropy part of a Rao-Blackwellized reverse KL,
+        :math:`F = E_z[\sum_k w_k(z) \log p(x_k)]` with :math:`x_k = \mu_k + \sigma_k z`, costs
+        :math:`K` ``log_prob`` calls (:math:`K^3` classifier outputs) per draw if computed
+        exactly. Each :math:`L_k = \log p(x_k)` is a log-sum over components whose own term is
+        free: component :math:`k` maps :math:`x_k` back to :math:`z`, so
+
+        .. math::
+
+            L_k = c_k + \delta_k, \qquad
+            c_k = \ell_k + \log \mathcal N(z; 0, I) - \textstyle\sum_d \log \sigma_{kd},
+            \qquad \delta_k = \log\Big(1 + \sum_{i \ne k}
+                \frac{w_i(z_{ki})\, \mathcal N(z_{ki}; 0, I) / \prod_d \sigma_{id}}
+                     {w_k(z)\, \mathcal N(z; 0, I) / \prod_d \sigma_{kd}}\Big) \ge 0,
+
+        with :math:`\ell = \log w(z)` (``log_weights``) and :math:`z_{ki} = (x_k - \mu_i) /
+        \sigma_i`. :math:`\sum_k w_k c_k` is computed exactly (no further classifier call);
+        only the overlap term :math:`\sum_k w_k \delta_k`, which vanishes for separated
+        components, is sampled: :math:`m` branches :math:`j_1, \dots, j_m \sim
+        \operatorname{Categorical}(w(z))`, drawn independently with the weights held fixed,
+        and with :math:`\bot` the stop-gradient,
+
+        .. math::
+
+            \hat F = \sum_k w_k c_k + \frac1m \sum_{i=1}^m \Big[\delta_{j_i}
+                + (\ell_{j_i} - \bot \ell_{j_i})\, \bot\big(\delta_{j_i} - b_i\big)\Big],
+            \qquad b_i = \frac{1}{m-1} \sum_{i' \ne i} \bot \delta_{j_{i'}}
+
+        (:math:`b_i = 0` when :math:`m = 1`). It costs :math:`mK` classifier evaluations
+        (:math:`mK^2` outputs) per draw.
+
+        *Unbiased value.* :math:`\ell - \bot\ell = 0` and :math:`E_j[\delta_j] = \sum_k w_k
+        \delta_k`, so :math:`E[\hat F] = \sum_k w_k (c_k + \delta_k) = \sum_k w_k L_k`.
+
+        *Unbiased gradient.* :math:`\nabla(\ell_j - \bot\ell_j) = \nabla w_j / w_j`, and
+        :math:`b_i` is independent of :math:`j_i` and carries no gradient, so
+
+        .. math::
+
+            E_{j_i}\Big[\nabla \delta_{j_i}
+                + \frac{\nabla w_{j_i}}{w_{j_i}}(\delta_{j_i} - b_i)\Big]
+            = \sum_k w_k \nabla \delta_k + \sum_k \nabla w_k\, \delta_k
+              - E[b_i] \underbrace{\nabla \textstyle\sum_k w_k}_{= 0}
+            = \nabla \sum_k w_k \delta_k,
+
+        given :math:`z`: REINFORCE with a leave-one-out baseline over the branch index for the
+        overlap term, everything else pathwise and exact.
+
+        *Sticking the landing* (``stick_the_landing=True``): :math:`\nabla L_k` is the sum of
+        a pathwise part (through :math:`x_k`) and :math:`\partial_\theta \log p_\theta(x)` at
+        fixed :math:`x`, whose expectation :math:`\sum_k E_z[w_k(z)\, \partial_\theta \log
+        p_\theta(x_k)] = E_{X \sim p}[\partial_\theta \log p_\theta(X)] = 0`: the score has
+        mean zero. Dropping it (:math:`c_k` and :math:`L_j` at detached parameters, gradients
+        through :math:`x_k` and the weights :math:`w_k` only; :math:`K` more classifier
+        evaluations per draw) keeps the gradient unbiased over :math:`z` (no longer given
+        :math:`z`). It needs an ``nn.Module`` classifier. The value is unchanged.
+
+        Args:
+            values: Branch values from :meth:`rao_blackwell`, ``(*sample, *batch, K, D)``,
+                all ``K`` computed from one shared base draw :math:`z` per row.
+            log_weights: Their log-weights, ``(*sample, *batch, K)``.
+            num_branches: Branches :math:`m` drawn per row (2 or more for the baseline).
+            stick_the_landing: Drop the zero-mean score term (see above).
+
+        Returns:
+            Tensor of shape ``(*sample, *batch)``: per row, an estimate whose value and gradient
+            have the expectation of ``(log_weights.exp() * log p(values)).sum(-1)``'s.
+
+        Example:
+            >>> d = ClassifierWeightedMixture(torch.randn(4, 2), torch.ones(4, 2),
+            ...                               torch.nn.Linear(2, 4))
+            >>> values, log_weights = d.rao_blackwell((100,))
+            >>> d.rao_blackwell_log_prob(values, log_weights).shape
+            torch.Size([100])
+
+        References:
+            Sticking the Landing: Simple, Lower-Variance Gradient Estimators for Variational
+            Inference. G. Roeder, Y. Wu, D. Duvenaud, 2017. arXiv:1703.09194.
+
+            Buy 4 REINFORCE Samples, Get a Baseline for Free! W. Kool, H. van Hoof,
+            M. Welling, 2019 (ICLR workshop on deep RL meets structured prediction).
+        """
+        num_components, dim = self.num_components, self.event_shape[0]
+        if not isinstance(values, torch.Tensor) or not isinstance(log_weights, torch.Tensor):
+            raise TypeError("`values` and `log_weights` must be torch.Tensors")
+        if (
+            values.dim() < 2 + len(self.batch_shape)
+            or values.shape[-2:] != (num_components, dim)
+            or log_weights.shape != values.shape[:-1]
+        ):
+            raise ValueError(
+                f"`values` must have shape (*sample, *batch, {num_components}, {dim}) and "
+                f"`log_weights` shape (*sample, *batch, {num_components}), got "
+                f"{tuple(values.shape)} and {tuple(log_weights.shape)}"
+            )
+        if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
+            raise ValueError(f"`num_branches` must be a positive integer, got {num_branches!r}")
+        target = self._detached() if stick_the_landing else self
+        z = (values - target.locs) / target.scales  # [*S, *B, K, D], each row equal to z
+        own_log_w = log_weights
+        if stick_the_landing:  # the classifier at detached parameters, gradients through x_k
+            own_log_w = target._logits(z).log_softmax(-1).diagonal(dim1=-2, dim2=-1)
+        own = (
+            own_log_w - 0.5 * z.square().sum(-1) - target.scales.log().sum(-1) - dim * HALF_LOG_2PI
+        )  # [*S, *B, K]: c_k, the own-component term of log p(x_k)
+        exact_part = (log_weights.exp() * own).sum(-1)  # [*S, *B]
+
+        index = Categorical(logits=log_weights.detach(), validate_args=False).sample(
+            (num_branches,)
+        )  # [m, *S, *B]
+        gather = index.unsqueeze(-1)  # [m, *S, *B, 1]
+        x = (
+            values.expand((num_branches,) + values.shape)
+            .gather(-2, gather.unsqueeze(-1).expand(gather.shape + (dim,)))
+            .squeeze(-2)
+        )  # [m, *S, *B, D]
+        log_w = log_weights.expand((num_branches,) + log_weights.shape).gather(-1, gather)
+        own_j = own.expand((num_branches,) + own.shape).gather(-1, gather)
+        overlap = target.log_prob(x) - own_j.squeeze(-1)  # [m, *S, *B]: delta_j >= 0
+        if num_branches > 1:
+            total = overlap.detach().sum(0)
+            baseline = (total - overlap.detach()) / (num_branches - 1)  # leave-one-out
+        else:
+            baseline = torch.zeros_like(overlap)
+        log_w = log_w.squeeze(-1)
+        score = (log_w - log_w.detach()) * (overlap.detach() - baseline)
+        return exact_part + (overlap + score).mean(0)
+
+    def _detached(self) -> ClassifierWeightedMixture:
+        """The same distribution with every parameter cut from the graph (same values)."""
+        classifier = self.classifier
+        if not isinstance(classifier, torch.nn.Module):
+            raise TypeError(
+                "`stick_the_landing=True` needs an nn.Module `classifier` (to detach its "
+                f"parameters), got {type(classifier).__name__}"
+            )
+        params = {name: p.detach() for name, p in classifier.named_parameters()}
+        buffers = dict(classifier.named_buffers())
+
+        def detached(z: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(classifier, {**params, **buffers}, (z,))
+
+        new = ClassifierWeightedMixture.__new__(ClassifierWeightedMixture)
+        new.locs, new.scales = self.locs.detach(), self.scales.detach()
+        new.classifier = detached
+        super(ClassifierWeightedMixture, new).__init__(
+            self.batch_shape, self.event_shape, validate_args=False
+        )
+        return new
 
     def _base_sample(self, sample_shape: torch.Size) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)

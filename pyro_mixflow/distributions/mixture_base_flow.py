@@ -9,6 +9,7 @@ from pyro.distributions import TransformedDistribution
 from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
 
+from pyro_mixflow.distributions.diag_normal_mixture import _expected_branch_log_prob
 from pyro_mixflow.transforms.nflows import NflowsTransform, is_nflows_transform
 
 __all__ = ["MixtureBaseFlow"]
@@ -115,8 +116,81 @@ class MixtureBaseFlow(TransformedDistribution):
             True
         """
         z = self.base_dist.rsample(sample_shape)
+        return self._push_forward(z, self.base_dist.log_prob(z))
+
+    def rao_blackwell(
+        self, sample_shape: torch.Size = torch.Size()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The base's branch values pushed through the flow, with the base's log-weights.
+
+        .. math:: x_k = g(z_k), \quad (z_k, \ell_k) \text{ from the base's }
+                  \texttt{rao\_blackwell}, \qquad E[h(X)] = E\Big[\sum_k e^{\ell_k} h(x_k)\Big].
+
+        The log-densities :math:`\log p(x_k)` come out of the same forward pass and are kept
+        for :meth:`rao_blackwell_log_prob`, so no inverse pass is needed.
+
+        Args:
+            sample_shape: Leading sample shape.
+
+        Returns:
+            ``(values, log_weights)`` of shapes ``(*sample_shape, *batch, K, D)`` and
+            ``(*sample_shape, *batch, K)``.
+
+        Example:
+            >>> from torch.distributions.transforms import AffineTransform
+            >>> from pyro_mixflow import DiagNormalMixture
+            >>> base = DiagNormalMixture(torch.zeros(3, 2), torch.ones(3, 2), torch.zeros(3))
+            >>> flow = MixtureBaseFlow(base, AffineTransform(1.0, 2.0))
+            >>> values, log_weights = flow.rao_blackwell((4,))
+            >>> values.shape, log_weights.shape
+            (torch.Size([4, 3, 2]), torch.Size([4, 3]))
+        """
+        if not hasattr(self.base_dist, "rao_blackwell"):
+            raise TypeError(f"the base {type(self.base_dist).__name__} has no `rao_blackwell`")
+        z, log_weights = self.base_dist.rao_blackwell(sample_shape)  # [*S, *B, K, D], [*S, *B, K]
+        base_log_prob = self.base_dist.log_prob(z.movedim(-2, 0))  # [K, *S, *B]
+        values, log_prob = self._push_forward(z.movedim(-2, 0), base_log_prob)
+        values, log_prob = values.movedim(0, -2), log_prob.movedim(0, -1)
+        self._rao_blackwell_cache = (values, log_prob)
+        return values, log_weights
+
+    def rao_blackwell_log_prob(
+        self, values: torch.Tensor, log_weights: torch.Tensor
+    ) -> torch.Tensor:
+        r"""The exact :math:`\sum_k w_k \log p(x_k)` for the output of :meth:`rao_blackwell`.
+
+        .. math:: \sum_{k=1}^K e^{\ell_k} \log p(x_k).
+
+        For the very ``values`` tensor that :meth:`rao_blackwell` returned last, the
+        log-densities of its forward pass are reused; other values go through ``log_prob``.
+
+        Args:
+            values: Branch values, shape ``(*sample, *batch, K, D)``.
+            log_weights: Their log-weights, shape ``(*sample, *batch, K)``.
+
+        Returns:
+            Tensor of shape ``(*sample, *batch)``.
+
+        Example:
+            >>> from torch.distributions.transforms import AffineTransform
+            >>> from pyro_mixflow import DiagNormalMixture
+            >>> base = DiagNormalMixture(torch.zeros(3, 2), torch.ones(3, 2), torch.zeros(3))
+            >>> flow = MixtureBaseFlow(base, AffineTransform(1.0, 2.0))
+            >>> values, log_weights = flow.rao_blackwell((4,))
+            >>> fresh = flow.rao_blackwell_log_prob(values.clone(), log_weights)
+            >>> torch.allclose(flow.rao_blackwell_log_prob(values, log_weights), fresh)
+            True
+        """
+        cached = getattr(self, "_rao_blackwell_cache", None)
+        if cached is None or cached[0] is not values:
+            return _expected_branch_log_prob(self, values, log_weights)
+        return (log_weights.exp() * cached[1]).sum(-1)
+
+    def _push_forward(
+        self, z: torch.Tensor, log_prob: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Applies the transforms to base values ``z``, updating their log-density."""
         event_dim = len(self.base_dist.event_shape)
-        log_prob = self.base_dist.log_prob(z)
         for transform in self.transforms:
             x = transform(z)
             event_dim += transform.codomain.event_dim - transform.domain.event_dim

@@ -331,11 +331,13 @@ class NoisyMixture(TorchDistribution):
         x = value.unsqueeze(-2)  # [*S, *B, 1, D]
         locs, base_var = self._gaussian_part()  # [*B, K, D]
         if self.jitter_scale is None:
-            nodes = weights = None
+            nodes = None
             terms = [(None, 0.0)]
         else:
-            nodes, weights = half_normal_quadrature(self.quadrature_order, locs.dtype, locs.device)
-            terms = [(nodes[j], math.log(weights[j].item())) for j in range(len(nodes))]
+            nodes, log_weights = half_normal_quadrature(
+                self.quadrature_order, locs.dtype, locs.device
+            )
+            terms = [(nodes[j], log_weights[j].item()) for j in range(len(nodes))]
         if self.shift_low is None:
             shifts = [(0, None)]
         else:

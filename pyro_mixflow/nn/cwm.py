@@ -2,12 +2,13 @@ r"""A trainable classifier weighted mixture (lazy distribution) with EM initiali
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from pyro_mixflow._checks import check_positive_int
+from pyro_mixflow._mlp import mlp
 from pyro_mixflow.distributions.classifier_weighted_mixture import ClassifierWeightedMixture
 from pyro_mixflow.nn.gmm import em_parameters
 
@@ -51,21 +52,15 @@ class CWM(nn.Module):
         activation: Callable[[], nn.Module] = nn.Tanh,
     ) -> None:
         super().__init__()
-        _check_positive_int("input_dim", input_dim)
-        _check_positive_int("num_components", num_components)
+        check_positive_int("input_dim", input_dim)
+        check_positive_int("num_components", num_components)
         hidden_dims = tuple(hidden_dims)
         for width in hidden_dims:
-            _check_positive_int("hidden_dims[i]", width)
+            check_positive_int("hidden_dims[i]", width)
         self.input_dim, self.num_components = input_dim, num_components
         self.locs = nn.Parameter(torch.randn(num_components, input_dim))
         self.log_scales = nn.Parameter(torch.zeros(num_components, input_dim))
-        widths = (input_dim, *hidden_dims, num_components)
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(itertools.pairwise(widths)):
-            if i > 0:
-                layers.append(activation())
-            layers.append(nn.Linear(a, b))
-        self.classifier = nn.Sequential(*layers)
+        self.classifier = mlp((input_dim, *hidden_dims, num_components), activation)
 
     def forward(self, context: torch.Tensor | None = None) -> ClassifierWeightedMixture:
         """Returns the distribution at the current parameters (``context`` is not used yet)."""
@@ -97,8 +92,3 @@ class CWM(nn.Module):
         last.weight.zero_()
         last.bias.copy_(log_weights)
         return self
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")

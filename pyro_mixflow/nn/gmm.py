@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions import DiagNormalMixture, GumbelSoftmaxMixture
 
 __all__ = ["GMM"]
@@ -46,8 +47,8 @@ class GMM(nn.Module):
         temperature: float = 0.5,
     ) -> None:
         super().__init__()
-        _check_positive_int("input_dim", input_dim)
-        _check_positive_int("num_components", num_components)
+        check_positive_int("input_dim", input_dim)
+        check_positive_int("num_components", num_components)
         if estimator not in ("exact", "gumbel", "straight_through"):
             raise ValueError(
                 f"`estimator` must be 'exact', 'gumbel' or 'straight_through', got {estimator!r}"
@@ -145,8 +146,3 @@ def em_diagonal(
         num_components, covariance_type="diag", max_iter=max_iter, random_state=seed
     ).fit(x)
     return em.means_, em.covariances_, em.weights_
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")

@@ -12,8 +12,9 @@ from pyro.distributions.transforms import Spline
 from torch import nn
 from torch.distributions.transforms import AffineTransform
 
+from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions import MixtureBaseFlow
-from pyro_mixflow.nn.gmm import GMM, _check_positive_int
+from pyro_mixflow.nn.gmm import GMM
 from pyro_mixflow.transforms import NflowsTransform
 
 __all__ = ["MixtureFlow"]
@@ -69,12 +70,12 @@ class MixtureFlow(nn.Module):
         estimator: str = "exact",
     ) -> None:
         super().__init__()
-        _check_positive_int("num_transforms", num_transforms)
-        _check_positive_int("num_bins", num_bins)
+        check_positive_int("num_transforms", num_transforms)
+        check_positive_int("num_bins", num_bins)
         hidden_dims = tuple(hidden_dims)
         if not hidden_dims or len(set(hidden_dims)) != 1:
             raise ValueError(f"`hidden_dims` must be equal positive sizes, got {hidden_dims}")
-        _check_positive_int("hidden_dims[0]", hidden_dims[0])
+        check_positive_int("hidden_dims[0]", hidden_dims[0])
         self.base = GMM(input_dim, num_components, estimator=estimator)
         layers = []
         for i in range(num_transforms):

@@ -1,0 +1,143 @@
+r"""A mixture of diagonal Gaussians as a Pyro autoguide, with a choice of gradient estimator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pyro.distributions import constraints
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroParam
+from torch.distributions import Normal
+
+from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
+from pyro_mixflow.distributions.gumbel_softmax_mixture import GumbelSoftmaxMixture
+from pyro_mixflow.infer._auto_mixture import _AutoMixture
+
+__all__ = ["AutoGaussianMixture"]
+
+ESTIMATORS = ("exact", "gumbel_softmax", "straight_through")
+
+
+class AutoGaussianMixture(_AutoMixture):
+    r"""A guide that is a mixture of diagonal Gaussians over all unconstrained latents.
+
+    .. math:: q(u) = \sum_{k=1}^K \pi_k\, \mathcal{N}(u; \mu_k, \operatorname{diag}\sigma_k^2),
+              \qquad x = T(u),
+
+    with :math:`T` the bijections to the model's latent supports (``biject_to``), as in
+    Pyro's :class:`~pyro.infer.autoguide.AutoDiagonalNormal`, of which this is the
+    ``K``-component generalization. How the weights :math:`\pi` get their gradient:
+
+    ========================  =====================================================  ==========
+    how                        sampler and gradient                                   bias
+    ========================  =====================================================  ==========
+    ``estimator="exact"``      exact draws, implicit reparameterization               none
+    ``"gumbel_softmax"``       relaxed draws at ``temperature``                       yes
+    ``"straight_through"``     exact draws, relaxed gradient                          yes
+    loss ``RaoBlackwellELBO``  index summed out; one draw per component               none
+    ========================  =====================================================  ==========
+
+    With Pyro's ``Trace_ELBO`` the guide's ``rsample`` is used (first three rows). The
+    Rao-Blackwellized ELBO (:class:`~pyro_mixflow.infer.RaoBlackwellELBO`) is chosen by the
+    loss and works with any ``estimator``; its gradient has the least variance for separated
+    components, at ``K`` model evaluations per particle.
+
+    Initialization breaks the symmetry between components (identical components would
+    receive identical gradients forever) and spreads them where the posterior may be: the
+    locations are the k-means centres :math:`c_k` of ``20 K`` prior draws (unconstrained),
+    pulled towards the model's initial point :math:`u_0` (``init_loc_fn``) as
+    :math:`\mu_k = u_0 + s\,(c_k - u_0)` with :math:`s` = ``init_spread``; scales start at
+    ``init_scale`` and weights are equal. Sites whose prior cannot be sampled
+    (``ImproperUniform``) are drawn uniformly on ``(-2, 2)``.
+
+    Args:
+        model: A Pyro model with continuous latent sites.
+        num_components: Number of components :math:`K`.
+        estimator: ``"exact"``, ``"gumbel_softmax"`` or ``"straight_through"``.
+        temperature: Temperature of the two relaxed estimators.
+        init_loc_fn: Per-site initialization (Pyro's ``init_to_*`` functions).
+        init_scale: Initial scale of every component (unconstrained space).
+        init_spread: How far the components start from ``init_loc_fn``'s point, as a
+            fraction of the distance to their k-means centres over the prior.
+        quantile_samples: Unused here (quantiles are exact); kept for a uniform signature.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro.infer import SVI, Trace_ELBO
+        >>> def model():
+        ...     pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        >>> guide = AutoGaussianMixture(model, num_components=3)
+        >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        >>> isinstance(svi.step(), float)
+        True
+        >>> guide.median()["scale"].shape
+        torch.Size([])
+
+    References:
+        Categorical Reparameterization with Gumbel-Softmax. E. Jang, S. Gu, B. Poole, 2017
+        (arXiv:1611.01144). Implicit Reparameterization Gradients. M. Figurnov,
+        S. Mohamed, A. Mnih, 2018 (arXiv:1805.08498).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        num_components: int = 16,
+        *,
+        estimator: str = "exact",
+        temperature: float = 0.5,
+        init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
+        init_scale: float = 0.5,
+        init_spread: float = 1.0,
+        quantile_samples: int = 10000,
+    ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature > 0
+        ):
+            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}")
+        self.estimator = estimator
+        self.temperature = float(temperature)
+        super().__init__(
+            model,
+            num_components,
+            init_loc_fn=init_loc_fn,
+            init_scale=init_scale,
+            init_spread=init_spread,
+            quantile_samples=quantile_samples,
+        )
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        self.logits = PyroParam(self.locs.new_zeros(self.num_components), constraints.real)
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> DiagNormalMixture:
+        """The mixture over the unconstrained latent vector (a fresh distribution)."""
+        if self.estimator == "exact":
+            return DiagNormalMixture(self.locs, self.scales, self.logits)
+        return GumbelSoftmaxMixture(
+            self.locs,
+            self.scales,
+            self.logits,
+            temperature=self.temperature,
+            straight_through=self.estimator == "straight_through",
+        )
+
+    def _marginal_quantiles(self, probs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Exact coordinate-wise quantiles of the mixture, by bisection on its CDF."""
+        locs, scales = self.locs.detach(), self.scales.detach()  # [K, D]
+        weights = self.logits.detach().softmax(-1).unsqueeze(-1)  # [K, 1]
+        lower = (locs - 40 * scales).min(0).values.expand(len(probs), -1)  # [Q, D]
+        upper = (locs + 40 * scales).max(0).values.expand(len(probs), -1)
+        target = probs.to(locs).unsqueeze(-1)  # [Q, 1]
+        component = Normal(locs, scales)
+        for _ in range(100):
+            middle = (lower + upper) / 2
+            cdf = (weights * component.cdf(middle.unsqueeze(-2))).sum(-2)  # [Q, D]
+            below = cdf < target
+            lower = torch.where(below, middle, lower)
+            upper = torch.where(below, upper, middle)
+        return (lower + upper) / 2

@@ -1,0 +1,112 @@
+r"""A trainable real-and-discrete flow (lazy distribution) over standardized data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.distributions.transforms import AffineTransform
+
+from pyro_mixflow._checks import check_positive_int
+from pyro_mixflow.distributions.rad_flow import RADFlow
+from pyro_mixflow.transforms.rad import RADCoupling
+
+__all__ = ["RAD"]
+
+
+class RAD(nn.Module):
+    r"""Trainable RAD flow :math:`x = m + s \odot y`, :math:`y` from a stack of RAD layers.
+
+    .. math::
+
+        \log p(x) = \log p_Y\big((x - m) / s\big) - \sum_d \log s_d, \qquad
+        p_Y = \texttt{RADFlow}([R_1, \dots, R_L]) \text{ over } \mathcal{N}(0, I),
+
+    with :math:`R_l` :class:`~pyro_mixflow.transforms.RADCoupling` layers (this project's
+    folding coupling design) whose folded coordinates alternate. :math:`(m, s)` is a fixed
+    standardization (buffers) that :meth:`init_from_data` sets to the data's mean and standard
+    deviation, so that ``bound`` (in standard deviations) covers the data. Calling the module
+    returns a fresh :class:`~pyro_mixflow.distributions.RADFlow`, trainable with
+    :func:`pyro_mixflow.fit`.
+
+    Args:
+        input_dim: Dimension :math:`D` of the data.
+        num_layers: Number :math:`L` of RAD layers.
+        num_pieces: Pieces of each fold.
+        hidden_dims: Hidden widths of each layer's networks.
+        bound: Half-width of the folded interval, in standard deviations of the data.
+        elementwise: Each layer's elementwise map, ``"spline"``, ``"affine"`` or ``"none"``.
+        num_bins: Bins of the elementwise splines.
+
+    Example:
+        >>> model = RAD(2, num_layers=2, num_pieces=3, hidden_dims=(8,))
+        >>> data = torch.randn(300, 2)
+        >>> flow = model.init_from_data(data)()
+        >>> flow.log_prob(data).shape, flow.rsample((5,)).shape
+        (torch.Size([300]), torch.Size([5, 2]))
+
+    References:
+        A RAD approach to deep mixture models. L. Dinh, J. Sohl-Dickstein, R. Pascanu,
+        H. Larochelle, 2019. arXiv:1903.07714.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        *,
+        num_layers: int = 4,
+        num_pieces: int = 8,
+        hidden_dims: Sequence[int] = (64, 64),
+        bound: float = 3.0,
+        elementwise: str = "spline",
+        num_bins: int = 8,
+    ) -> None:
+        super().__init__()
+        check_positive_int("input_dim", input_dim)
+        check_positive_int("num_layers", num_layers)
+        self.input_dim = input_dim
+        self.layers = nn.ModuleList(
+            RADCoupling(
+                input_dim,
+                num_pieces=num_pieces,
+                hidden_dims=hidden_dims,
+                bound=bound,
+                parity=i % 2,
+                elementwise=elementwise,
+                num_bins=num_bins,
+            )
+            for i in range(num_layers)
+        )
+        self.register_buffer("shift", torch.zeros(input_dim))
+        self.register_buffer("scale", torch.ones(input_dim))
+
+    def forward(self, context: torch.Tensor | None = None) -> RADFlow:
+        """Returns the flow at the current parameters (``context`` is not used yet)."""
+        if context is not None:
+            raise ValueError("`RAD` is unconditional: `context` must be None")
+        standardization = AffineTransform(self.shift, self.scale, event_dim=1)
+        return RADFlow([*self.layers, standardization])
+
+    @torch.no_grad()
+    def init_from_data(self, data: torch.Tensor, *, seed: int = 0) -> RAD:
+        """Sets the standardization to the data's mean and standard deviation.
+
+        Args:
+            data: Tensor or array of shape ``(N, D)``.
+            seed: Unused (the layers need no data-dependent start); kept for the common
+                ``init_from_data(data, seed=...)`` call of the trainable models.
+
+        Returns:
+            ``self``, for chaining.
+        """
+        data = torch.as_tensor(data)
+        if data.dim() != 2 or data.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"`data` must have shape (N, {self.input_dim}), got {tuple(data.shape)}"
+            )
+        data = data.to(self.shift)
+        self.shift.copy_(data.mean(0))
+        scale = data.std(0).clamp(min=1e-6) if len(data) > 1 else torch.ones_like(self.shift)
+        self.scale.copy_(scale)
+        return self

@@ -1,0 +1,273 @@
+"""Mixture autoguides and the Rao-Blackwellized ELBO (pyro_mixflow.infer)."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.infer.importance import vectorized_importance_weights
+
+from pyro_mixflow import DiagNormalMixture
+from pyro_mixflow.infer import (
+    AutoClassifierWeightedMixture,
+    AutoGaussianMixture,
+    AutoMixtureBaseFlow,
+    AutoRADFlow,
+    RaoBlackwellELBO,
+)
+from tests.conftest import Z_THRESHOLD
+
+DATA = torch.tensor([0.3, -1.2, 2.1, 0.8, -0.4], dtype=torch.float64)
+
+GUIDES = {
+    "gaussian_mixture": lambda model: AutoGaussianMixture(model, num_components=3),
+    "mixture_base_flow": lambda model: AutoMixtureBaseFlow(model, num_components=3),
+    "cwm": lambda model: AutoClassifierWeightedMixture(model, num_components=3, hidden_dims=(8,)),
+}
+
+
+def plated_model(data=DATA):
+    """A global real latent, a positive latent (biject_to) and a plate of observations."""
+    loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 2.0))
+    scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=torch.float64), 0.5))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+
+
+def _perturbed(guide, seed=0):
+    """Sets up ``guide`` in float64 and moves every parameter off its symmetric start."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        guide(DATA)
+        guide.double()
+        with torch.no_grad():
+            for p in guide.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    return guide
+
+
+@pytest.mark.parametrize("name", list(GUIDES))
+def test_rao_blackwell_elbo_matches_brute_force_monte_carlo(name):
+    """The RB estimate and plain importance weights (log p - log q of guide draws) agree."""
+    guide = _perturbed(GUIDES[name](plated_model))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        terms = RaoBlackwellELBO(num_particles=20000).elbo_terms(plated_model, guide, DATA)
+        log_w, _, _ = vectorized_importance_weights(
+            plated_model, guide, DATA, num_samples=100000, max_plate_nesting=1
+        )
+    z = (terms.mean() - log_w.mean()) / math.sqrt(
+        terms.var() / len(terms) + log_w.var() / len(log_w)
+    )
+    assert abs(z) < Z_THRESHOLD, (terms.mean().item(), log_w.mean().item())
+
+
+def _exact_elbo(guide, size=601, width=9.0):
+    """The ELBO of ``plated_model`` by quadrature over the 2-D unconstrained latent."""
+    posterior = guide.get_posterior()
+    lower = (posterior.locs - width * posterior.scales).min(0).values.detach()
+    upper = (posterior.locs + width * posterior.scales).max(0).values.detach()
+    axes = [
+        torch.linspace(a, b, size, dtype=torch.float64)
+            for a, b in zip(lower, upper, strict=True)]
+    u = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
+    loc, log_scale = u[:, 0], u[:, 1]
+    log_joint = (
+        dist.Normal(0.0, 2.0).log_prob(loc)
+        + dist.LogNormal(0.0, 0.5).log_prob(log_scale.exp())
+        + dist.Normal(loc[:, None], log_scale.exp()[:, None]).log_prob(DATA).sum(-1)
+        + log_scale  # log |d scale / d log_scale|
+    )
+    log_q = posterior.log_prob(u)
+    cell = (axes[0][1] - axes[0][0]) * (axes[1][1] - axes[1][0])
+    return (log_q.exp() * (log_joint - log_q)).sum() * cell
+
+
+def test_rao_blackwell_gradient_is_unbiased():
+    """The mean RB gradient equals the gradient of the ELBO computed by quadrature."""
+    guide = _perturbed(AutoGaussianMixture(plated_model, num_components=3))
+    params = list(guide.parameters())
+    exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(_exact_elbo(guide), params)])
+    loss = RaoBlackwellELBO(num_particles=64)
+    torch.manual_seed(2)
+    draws = []
+    for _ in range(100):
+        grads = torch.autograd.grad(-loss.differentiable_loss(plated_model, guide, DATA), params)
+        draws.append(torch.cat([g.reshape(-1) for g in grads]))
+    rb = torch.stack(draws)
+    se = rb.std(0) / math.sqrt(len(rb))
+    z = (rb.mean(0) - exact) / se
+    assert z.abs().max() < Z_THRESHOLD, z
+    # Power: a 10% error in the weights' gradient (the last K entries) would be caught.
+    weights = slice(-guide.num_components, None)
+    assert bool((0.1 * exact[weights].abs() > Z_THRESHOLD * se[weights]).any())
+
+
+def test_enumerated_joint_density_would_be_wrong():
+    """What the RB ELBO avoids: scoring a branch by log w_k + log q_k instead of log q."""
+    guide = _perturbed(AutoGaussianMixture(plated_model, num_components=3))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        posterior = guide.get_posterior()
+        values, log_weights = posterior.rao_blackwell((20000,))
+        mixture = posterior.rao_blackwell_log_prob(values, log_weights)
+        component = dist.Normal(posterior.locs, posterior.scales).log_prob(values).sum(-1)
+        joint = (log_weights.exp() * (log_weights + component)).sum(-1)
+    gap = (mixture - joint).mean()  # the mutual information between index and value
+    assert 0 < gap <= -(log_weights[0].exp() * log_weights[0]).sum() + 1e-9
+
+
+def test_mixture_guide_finds_both_modes_with_the_right_shares():
+    """A bimodal 1-D target (weights 0.3 / 0.7, log Z = 0): shares and ELBO after training."""
+    target = DiagNormalMixture(
+        torch.tensor([[-3.0], [3.0]]), torch.ones(2, 1), torch.tensor([0.3, 0.7]).log()
+    )
+
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 4.0).expand([1]).to_event(1))
+        pyro.factor("target", target.log_prob(x) - dist.Normal(0.0, 4.0).log_prob(x).sum(-1))
+
+    pyro.set_rng_seed(0)
+    guide = AutoGaussianMixture(model, num_components=4)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), RaoBlackwellELBO(num_particles=4))
+    for _ in range(600):
+        svi.step()
+    with torch.no_grad():
+        draws = guide.get_posterior().sample((20000,))
+        share = (draws[:, 0] > 0).double().mean()
+        terms = RaoBlackwellELBO(num_particles=4000).elbo_terms(model, guide)
+    assert abs(share - 0.7) < 0.03
+    assert -0.05 < terms.mean() <= Z_THRESHOLD * terms.std() / math.sqrt(len(terms))
+
+
+@pytest.mark.parametrize("name", list(GUIDES))
+def test_guides_train_under_plates_with_constrained_latents(name):
+    pyro.set_rng_seed(0)
+    guide = GUIDES[name](plated_model)
+    svi = SVI(plated_model, guide, pyro.optim.Adam({"lr": 0.01}), RaoBlackwellELBO(4))
+    losses = [svi.step(DATA) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+    before = {k: v.detach().clone() for k, v in guide.named_parameters()}
+    svi.step(DATA)
+    changed = {k for k, v in guide.named_parameters() if not torch.equal(v.detach(), before[k])}
+    assert changed == set(before), set(before) - changed  # every parameter gets a gradient
+    samples = Predictive(plated_model, guide=guide, num_samples=7)(DATA)
+    assert samples["scale"].shape == (7, 1) and bool((samples["scale"] > 0).all())
+    assert samples["obs"].shape == (7, len(DATA))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "gumbel_softmax", "straight_through"])
+def test_gaussian_mixture_estimators_with_vectorized_trace_elbo(estimator):
+    pyro.set_rng_seed(0)
+    guide = AutoGaussianMixture(plated_model, num_components=3, estimator=estimator)
+    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
+    svi = SVI(plated_model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    assert math.isfinite(svi.step(DATA))
+
+
+def test_mixture_base_flow_guide_with_vectorized_trace_elbo():
+    pyro.set_rng_seed(0)
+    guide = AutoMixtureBaseFlow(plated_model, num_components=3)
+    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
+    svi = SVI(plated_model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    assert math.isfinite(svi.step(DATA))
+
+
+def test_components_do_not_start_on_top_of_each_other():
+    pyro.set_rng_seed(0)
+    guide = AutoGaussianMixture(plated_model, num_components=5)
+    guide(DATA)
+    distances = torch.cdist(guide.locs.detach(), guide.locs.detach())
+    assert distances[~torch.eye(5, dtype=torch.bool)].min() > 0.05
+
+
+def test_quantiles_of_gaussian_mixture_are_exact():
+    guide = _perturbed(AutoGaussianMixture(plated_model, num_components=3))
+    probs = [0.05, 0.5, 0.95]
+    result = guide.quantiles(probs)
+    posterior = guide.get_posterior()
+    for i, p in enumerate(probs):
+        u = torch.stack([result["loc"][i], result["scale"][i].log()])  # unconstrained
+        cdf = (
+            posterior.probs.unsqueeze(-1)
+            * dist.Normal(posterior.locs, posterior.scales).cdf(u)
+        ).sum(0)
+        assert torch.allclose(cdf, torch.tensor(p, dtype=cdf.dtype), atol=1e-9)
+    median = guide.median()
+    assert torch.equal(median["loc"], result["loc"][1])
+
+
+def test_monte_carlo_quantiles_of_flow_guide():
+    guide = _perturbed(AutoMixtureBaseFlow(plated_model, num_components=3))
+    torch.manual_seed(0)
+    q = guide.quantiles([0.1, 0.9])
+    assert q["loc"].shape == (2,) and bool(q["loc"][0] < q["loc"][1])
+    draws = guide.get_posterior().sample((20000,))[:, 0]
+    share = ((draws > q["loc"][0]) & (draws < q["loc"][1])).double().mean()
+    assert abs(share - 0.8) < Z_THRESHOLD * math.sqrt(0.16 / 20000) + 0.01  # 10k-draw quantiles
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_components": 0}, "`num_components` must be a positive integer"),
+        ({"estimator": "score"}, "`estimator` must be one of"),
+        ({"temperature": 0.0}, "`temperature` must be a positive number"),
+        ({"init_scale": -1.0}, "`init_scale` must be a positive number"),
+        ({"init_spread": -1.0}, "`init_spread` must be a non-negative number"),
+    ],
+)
+def test_invalid_guide_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoGaussianMixture(plated_model, **kwargs)
+
+
+def test_rao_blackwell_elbo_rejects_guides_it_cannot_use():
+    with pytest.raises(TypeError, match="needs an AutoContinuous guide"):
+        RaoBlackwellELBO().loss(plated_model, lambda data: None, DATA)
+    with pytest.raises(TypeError, match="has no `rao_blackwell`"):
+        RaoBlackwellELBO().loss(plated_model, AutoDiagonalNormal(plated_model), DATA)
+    with pytest.raises(ValueError, match="`num_particles` must be positive"):
+        RaoBlackwellELBO(0)
+    with pytest.raises(TypeError, match="needs an AutoContinuous guide"):
+        RaoBlackwellELBO().loss(plated_model, AutoNormal(plated_model), DATA)
+
+
+def test_rao_blackwell_elbo_rejects_uncovered_latents():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("k", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+
+    guide = AutoGaussianMixture(pyro.poutine.block(model, hide=["k"]), num_components=2)
+    with pytest.raises(ValueError, match="'k' is neither observed nor a latent of the guide"):
+        RaoBlackwellELBO().loss(model, guide)
+
+
+def test_rad_flow_guide_trains_with_trace_elbo_under_plates():
+    pyro.set_rng_seed(0)
+    guide = AutoRADFlow(plated_model, num_pieces=3, num_layers=2, hidden_dims=(8,))
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
+    svi = SVI(plated_model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    svi.step(DATA)
+    before = {k: v.detach().clone() for k, v in guide.named_parameters()}
+    assert math.isfinite(svi.step(DATA))
+    changed = {k for k, v in guide.named_parameters() if not torch.equal(v.detach(), before[k])}
+    assert {"shift_unconstrained", "scale_unconstrained"} <= changed
+    assert any(k.startswith("layers.") for k in changed)
+    samples = Predictive(plated_model, guide=guide, num_samples=5)(DATA)
+    assert bool((samples["scale"] > 0).all())
+    q = guide.quantiles([0.25, 0.75])
+    assert bool(q["loc"][0] < q["loc"][1])
+
+
+def test_rad_flow_guide_needs_two_coordinates():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="at least 2 unconstrained latent coordinates"):
+        AutoRADFlow(model)()
