@@ -600,10 +600,12 @@ def _save(out: Path, tag: str, result: dict[str, Any], grids: dict[str, np.ndarr
     tmp.replace(path)
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries compared, without importing them."""
+def versions(
+    packages: Sequence[str] = ("torch", "pyro-ppl", "nflows", "zuko", "scikit-learn", "numpy"),
+) -> dict[str, str]:
+    """Versions of ``packages`` (the libraries compared), without importing them."""
     found = {"python": platform.python_version()}
-    for package in ("torch", "pyro-ppl", "nflows", "zuko", "scikit-learn", "numpy"):
+    for package in packages:
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

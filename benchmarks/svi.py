@@ -74,7 +74,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -82,7 +81,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -102,9 +100,12 @@ from pyro.infer.autoguide import (
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-import pyro_mixflow
 from pyro_mixflow import DiagNormalMixture
 from pyro_mixflow.diagnostics import importance_diagnostics, mode_shares
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import density as density_benchmark
+
 from pyro_mixflow.infer import (
     AutoClassifierWeightedMixture,
     AutoGaussianMixture,
@@ -533,28 +534,6 @@ def _save(out: Path, tag: str, result: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries used."""
-    found = {"python": platform.python_version()}
-    for package in ("torch", "pyro-ppl", "arviz", "numpy"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    found["pyro_mixflow"] = pyro_mixflow.__version__
-    return found
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -665,7 +644,7 @@ def _markdown(
             "",
             header,
             "",
-            _table_header(columns, align="l" + "r" * (len(columns) - 2) + "l"),
+            density_benchmark._table_header(columns, align="l" + "r" * (len(columns) - 2) + "l"),
         ]
         for guide in guides:
             rs = _runs_of(records, name, guide)
@@ -694,7 +673,7 @@ def _markdown(
                 _fmt(_mean([r["seconds"] for r in ok]), ".0f"),
                 note,
             ]
-            lines.append(_row(cells))
+            lines.append(density_benchmark._row(cells))
     lines += ["", "## Against the issue's targets", "", *_verdicts(records, names, guides), ""]
     return "\n".join(lines)
 
@@ -821,15 +800,6 @@ def _truth_grid(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     return axis, axis, log_p.exp()
 
 
-def _table_header(columns: Sequence[str], *, align: str | None = None) -> str:
-    align = align or "l" + "r" * (len(columns) - 1)
-    return _row(columns) + "\n" + _row(["---:" if a == "r" else "---" for a in align])
-
-
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -879,10 +849,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         tag = "quick-" + tag
     meta = {
-        "versions": versions(),
+        "versions": density_benchmark.versions(("torch", "pyro-ppl", "arviz", "numpy")),
         "quick": args.quick,
         "threads": args.threads,
-        "cpu": f"{_cpu_name()}, {os.cpu_count()} logical CPUs",
+        "cpu": f"{density_benchmark._cpu_name()}, {os.cpu_count()} logical CPUs",
         "load_before": os.getloadavg(),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
