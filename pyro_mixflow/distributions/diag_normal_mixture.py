@@ -202,6 +202,53 @@ class DiagNormalMixture(TorchDistribution):
             self.locs, self.scales, self.logits, self.sample(sample_shape)
         )
 
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        r"""Exact log-density.
+
+        .. math:: \log p(x) = \operatorname{logsumexp}_k \big[\log \pi_k
+                  + \log \mathcal{N}(x; \mu_k, \operatorname{diag} \sigma_k^2)\big].
+
+        Args:
+            value: Points, shape ``(*sample, *batch, D)`` or broadcastable to it.
+
+        Returns:
+            Tensor of shape ``(*sample, *batch)``.
+
+        Example:
+            >>> d = DiagNormalMixture(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1))
+            >>> d.log_prob(torch.zeros(1)).exp()  # 1 / sqrt(2 pi)
+            tensor(0.3989)
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        log_joint = self._log_joint(value)  # [*S, *B, K]
+        top = log_joint.argmax(-1, keepdim=True).detach()  # [*S, *B, 1]
+        # Replace the expansion's value of the leading component with its direct computation.
+        exact_top = self._log_joint_of(value, top.squeeze(-1))  # [*S, *B]
+        return logsumexp(log_joint) + exact_top - log_joint.gather(-1, top).squeeze(-1)
+
+    def log_responsibilities(self, value: torch.Tensor) -> torch.Tensor:
+        r"""Log posterior over components, :math:`\log p(k \mid x)`.
+
+        .. math:: \log p(k \mid x) = \log \pi_k + \log \mathcal{N}(x; \mu_k, \sigma_k^2)
+                  - \log p(x).
+
+        Args:
+            value: Points, shape ``(*sample, *batch, D)``.
+
+        Returns:
+            Tensor of shape ``(*sample, *batch, K)`` whose exponential sums to one.
+
+        Example:
+            >>> d = DiagNormalMixture(torch.tensor([[-3.0], [3.0]]), torch.ones(2, 1),
+            ...                       logits=torch.zeros(2))
+            >>> d.log_responsibilities(torch.tensor([[3.0]])).exp().round(decimals=3)
+            tensor([[0., 1.]])
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        return torch.log_softmax(self._log_joint(value), dim=-1)
+
     def rao_blackwell(
         self, sample_shape: torch.Size = torch.Size()
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,53 +303,6 @@ class DiagNormalMixture(TorchDistribution):
             torch.Size([3])
         """
         return _expected_branch_log_prob(self, values, log_weights)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        r"""Exact log-density.
-
-        .. math:: \log p(x) = \operatorname{logsumexp}_k \big[\log \pi_k
-                  + \log \mathcal{N}(x; \mu_k, \operatorname{diag} \sigma_k^2)\big].
-
-        Args:
-            value: Points, shape ``(*sample, *batch, D)`` or broadcastable to it.
-
-        Returns:
-            Tensor of shape ``(*sample, *batch)``.
-
-        Example:
-            >>> d = DiagNormalMixture(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1))
-            >>> d.log_prob(torch.zeros(1)).exp()  # 1 / sqrt(2 pi)
-            tensor(0.3989)
-        """
-        if self._validate_args:
-            self._validate_sample(value)
-        log_joint = self._log_joint(value)  # [*S, *B, K]
-        top = log_joint.argmax(-1, keepdim=True).detach()  # [*S, *B, 1]
-        # Replace the expansion's value of the leading component with its direct computation.
-        exact_top = self._log_joint_of(value, top.squeeze(-1))  # [*S, *B]
-        return logsumexp(log_joint) + exact_top - log_joint.gather(-1, top).squeeze(-1)
-
-    def log_responsibilities(self, value: torch.Tensor) -> torch.Tensor:
-        r"""Log posterior over components, :math:`\log p(k \mid x)`.
-
-        .. math:: \log p(k \mid x) = \log \pi_k + \log \mathcal{N}(x; \mu_k, \sigma_k^2)
-                  - \log p(x).
-
-        Args:
-            value: Points, shape ``(*sample, *batch, D)``.
-
-        Returns:
-            Tensor of shape ``(*sample, *batch, K)`` whose exponential sums to one.
-
-        Example:
-            >>> d = DiagNormalMixture(torch.tensor([[-3.0], [3.0]]), torch.ones(2, 1),
-            ...                       logits=torch.zeros(2))
-            >>> d.log_responsibilities(torch.tensor([[3.0]])).exp().round(decimals=3)
-            tensor([[0., 1.]])
-        """
-        if self._validate_args:
-            self._validate_sample(value)
-        return torch.log_softmax(self._log_joint(value), dim=-1)
 
     @property
     def mean(self) -> torch.Tensor:

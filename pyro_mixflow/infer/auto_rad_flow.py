@@ -34,8 +34,9 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
     density. ``rsample`` gives exact draws with a straight-through gradient for the piece
     choices (biased: see :class:`~pyro_mixflow.distributions.RADFlow`); train with Pyro's
     ``Trace_ELBO``. :math:`m` starts at the model's initial point (``init_loc_fn``) and
-    :math:`s` at the spread of prior draws divided by ``bound``, so that the folds start
-    across the prior; the layers start at random (that breaks the symmetry between pieces).
+    :math:`s` at three prior standard deviations divided by ``bound`` (from 64 prior draws),
+    so that the folded interval starts across the prior; the layers start at random (that
+    breaks the symmetry between pieces).
 
     Args:
         model: A Pyro model with continuous latent sites (two or more unconstrained
