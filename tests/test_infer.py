@@ -20,6 +20,7 @@ from pyro_mixflow.infer import (
     AutoRADFlow,
     RaoBlackwellELBO,
 )
+from pyro_mixflow.infer._auto_mixture import _tempered_start, _tempering_power
 from tests.conftest import Z_THRESHOLD
 
 DATA = torch.tensor([0.3, -1.2, 2.1, 0.8, -0.4], dtype=torch.float64)
@@ -186,6 +187,85 @@ def test_components_do_not_start_on_top_of_each_other():
     assert distances[~torch.eye(5, dtype=torch.bool)].min() > 0.05
 
 
+def test_tempering_power_reaches_the_requested_effective_sample_size():
+    log_likelihood = -0.5 * torch.linspace(-30.0, 30.0, 1001, dtype=torch.float64).square()
+    beta = _tempering_power(log_likelihood, 0.1)
+    weights = (beta * log_likelihood).softmax(0)
+    assert 0 < beta < 1 and abs(1 / weights.square().sum() / 1001 - 0.1) < 1e-6
+    assert _tempering_power(torch.zeros(50, dtype=torch.float64), 0.1) == 1.0  # prior only
+
+
+def test_tempered_start_matches_the_conjugate_posterior():
+    """K = 1 on a conjugate model: the start is the tempered posterior's mean and its
+    standard deviation times sqrt(beta), within the error of ~ESS = 100 effective draws."""
+    data = 2.0 + torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=data)
+
+    pyro.set_rng_seed(0)
+    guide = AutoGaussianMixture(model, num_components=1)
+    guide._setup_prototype()
+    start = _tempered_start(guide, 1000, 0.1, (), {})
+    precision = 0.01 + len(data) * start.beta  # the tempered posterior N(mean, 1 / precision)
+    mean = start.beta * data.sum() / precision
+    scale = math.sqrt(start.beta / precision)  # ~ the exact posterior's (1 / 40.01) ** 0.5
+    assert abs(scale * math.sqrt(40.01) - 1) < 0.01
+    num_effective = 100
+    z_loc = (start.locs[0, 0] - mean) / math.sqrt(1 / precision / num_effective)
+    z_scale = (start.scales[0, 0] / scale - 1) / math.sqrt(1 / (2 * num_effective))
+    assert 0 < start.beta < 1
+    assert abs(z_loc) < Z_THRESHOLD and abs(z_scale) < Z_THRESHOLD, (z_loc, z_scale)
+
+
+def _four_narrow_modes():
+    """Four modes of scale 0.1 at (±6, ±6) under a N(0, 20²) prior."""
+    modes = torch.tensor([[6.0, 6.0], [-6.0, 6.0], [-6.0, -6.0], [6.0, -6.0]])
+    target = DiagNormalMixture(modes, torch.full((4, 2), 0.1), torch.zeros(4))
+
+    def model():
+        prior = dist.Normal(torch.zeros(2), 20.0).to_event(1)
+        x = pyro.sample("x", prior)
+        pyro.factor("target", target.log_prob(x) - prior.log_prob(x))
+
+    return model, modes
+
+
+@pytest.mark.parametrize(("init_ess", "covered"), [(0.1, True), (0.9, False)])
+def test_components_start_near_every_narrow_mode(init_ess, covered):
+    """Tempered to 10 % effective draws, every mode gets a component within 3 (15 % of the
+    prior's scale); nearly untempered (90 %), the start stays spread over the prior."""
+    model, modes = _four_narrow_modes()
+    pyro.set_rng_seed(0)
+    guide = AutoGaussianMixture(model, num_components=8, init_ess=init_ess)
+    guide()
+    nearest = torch.cdist(modes, guide.locs.detach()).min(1).values
+    assert bool((nearest < 3.0).all()) == covered, nearest
+
+
+def test_start_survives_impossible_likelihoods():
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("cut", torch.where(x > 0, 0.0, -math.inf))
+
+    pyro.set_rng_seed(0)
+    guide = AutoGaussianMixture(model, num_components=3)
+    guide()  # draws with x <= 0 are dropped
+    assert bool((guide.locs > 0).all())
+    assert bool(torch.isfinite(guide.scales).all()) and bool((guide.scales > 0).all())
+
+    def impossible():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("never", torch.tensor(-math.inf))
+
+    pyro.clear_param_store()
+    guide = AutoGaussianMixture(impossible, num_components=3)
+    guide()  # falls back to the prior draws
+    assert bool(torch.isfinite(guide.scales).all())
+
+
 def test_quantiles_of_gaussian_mixture_are_exact():
     guide = _perturbed(AutoGaussianMixture(plated_model, num_components=3))
     probs = [0.05, 0.5, 0.95]
@@ -218,7 +298,9 @@ def test_monte_carlo_quantiles_of_flow_guide():
         ({"num_components": 0}, "`num_components` must be a positive integer"),
         ({"estimator": "score"}, "`estimator` must be one of"),
         ({"temperature": 0.0}, "`temperature` must be a positive number"),
-        ({"init_scale": -1.0}, "`init_scale` must be a positive number"),
+        ({"init_scale": -1.0}, "`init_scale` must be None or a positive number"),
+        ({"init_ess": 0.0}, r"`init_ess` must be a number in \(0, 1\)"),
+        ({"init_ess": 1.0}, r"`init_ess` must be a number in \(0, 1\)"),
         ({"init_spread": -1.0}, "`init_spread` must be a non-negative number"),
     ],
 )

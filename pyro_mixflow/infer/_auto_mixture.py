@@ -2,8 +2,9 @@ r"""Shared set-up of the mixture autoguides: spread-out components, median and q
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro.poutine as poutine
 import torch
@@ -11,12 +12,14 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median, init_to_uniform
 from pyro.nn import PyroParam
-from sklearn.cluster import KMeans
 from torch.distributions import biject_to
 
 from pyro_mixflow._checks import check_positive_int
+from pyro_mixflow.nn.gmm import em_diagonal
 
 __all__: list[str] = []
+
+_MIN_INIT_DRAWS = 1000
 
 
 class _QuantilesFromDraws:
@@ -77,10 +80,10 @@ class _QuantilesFromDraws:
 class _AutoMixture(_QuantilesFromDraws, AutoContinuous):
     """An AutoContinuous guide whose latent distribution has ``num_components`` components.
 
-    Subclasses build the posterior in :meth:`get_posterior`; this class creates ``locs``
-    (spread over the prior by :meth:`_prior_cover`: identical components would receive
-    identical gradients and never separate) and ``scales``, and implements :meth:`median`
-    and :meth:`quantiles` from the posterior's coordinate-wise marginal quantiles.
+    Subclasses build the posterior in :meth:`get_posterior`; this class creates ``locs`` and
+    ``scales`` (and ``_init_log_weights`` for subclasses with weights) from
+    :func:`_tempered_start`, and implements :meth:`median` and :meth:`quantiles` from the
+    posterior's coordinate-wise marginal quantiles.
     """
 
     def __init__(
@@ -89,46 +92,41 @@ class _AutoMixture(_QuantilesFromDraws, AutoContinuous):
         num_components: int = 8,
         *,
         init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
-        init_scale: float = 0.5,
+        init_scale: float | None = None,
         init_spread: float = 1.0,
+        init_ess: float = 0.1,
         quantile_samples: int = 10000,
     ) -> None:
         check_positive_int("num_components", num_components)
         check_positive_int("quantile_samples", quantile_samples)
-        if not _is_number(init_scale) or not init_scale > 0:
-            raise ValueError(f"`init_scale` must be a positive number, got {init_scale!r}")
+        if init_scale is not None and (not _is_number(init_scale) or not init_scale > 0):
+            raise ValueError(
+                f"`init_scale` must be None or a positive number, got {init_scale!r}"
+            )
         if not _is_number(init_spread) or not init_spread >= 0:
             raise ValueError(f"`init_spread` must be a non-negative number, got {init_spread!r}")
+        if not _is_number(init_ess) or not 0 < init_ess < 1:
+            raise ValueError(f"`init_ess` must be a number in (0, 1), got {init_ess!r}")
         self.num_components = num_components
         self._raw_model = (model,)  # a tuple, so that the model is not a submodule
-        self._init_scale = float(init_scale)
+        self._init_scale = None if init_scale is None else float(init_scale)
         self._init_spread = float(init_spread)
+        self._init_ess = float(init_ess)
         self._quantile_samples = quantile_samples
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         loc = self._init_loc()  # [D]
-        centres = self._prior_cover(*args, **kwargs).to(loc)  # [K, D]
+        num_draws = max(_MIN_INIT_DRAWS, 20 * self.num_components)
+        start = _tempered_start(self, num_draws, self._init_ess, args, kwargs)
+        locs, scales, log_weights = (t.to(loc) for t in start[:3])
+        if self._init_scale is not None:
+            scales = torch.full_like(scales, self._init_scale)
         # PyroParams (not nn.Parameters) also work under `module_local_params`.
-        self.locs = PyroParam(loc + self._init_spread * (centres - loc), constraints.real)
-        self.scales = PyroParam(
-            torch.full_like(self.locs, self._init_scale), constraints.softplus_positive
-        )
-
-    def _prior_cover(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``K`` points spread over the prior: k-means centres of ``20 K`` prior draws.
-
-        Independent prior draws leave whole regions empty by chance (with ``K = 8`` in 2-D,
-        a quadrant gets none one time in ten); k-means centres stratify the prior, so every
-        region of prior mass has a component nearby to start from.
-        """
-        draws = _prior_draws(self, 20 * self.num_components, args, kwargs)
-        seed = int(torch.randint(2**31 - 1, ()))
-        kmeans = KMeans(self.num_components, n_init=1, random_state=seed)
-        kmeans.fit(draws.double().cpu().numpy())
-        return torch.as_tensor(kmeans.cluster_centers_)
-
+        self.locs = PyroParam(loc + self._init_spread * (locs - loc), constraints.real)
+        self.scales = PyroParam(scales, constraints.softplus_positive)
+        self._init_log_weights = log_weights
 
 
 def _is_number(value: object) -> bool:
@@ -141,17 +139,103 @@ def _prior_draws(guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dic
     Sites whose prior cannot be sampled (``ImproperUniform``) get a uniform draw on
     ``(-2, 2)`` in unconstrained space, as Pyro's ``init_to_uniform`` does.
     """
+    return _prior_draws_and_log_likelihoods(guide, num_draws, args, kwargs)[0]
+
+
+def _prior_draws_and_log_likelihoods(
+    guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Prior draws ``(N, D)`` (as :func:`_prior_draws`) and their log-likelihoods ``(N,)``.
+
+    The log-likelihood of a draw is the summed log-probability of the model's sites that
+    are not latent: observed sites and ``pyro.factor`` terms (scaled by their plates'
+    subsampling, as in the ELBO). NaN counts as :math:`-\infty`.
+    """
     init = InitMessenger(_init_to_sample_or_uniform)(guide._raw_model[0])
-    draws = []
+    latent = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
+    draws, log_likelihoods = [], []
     for _ in range(num_draws):
-        with poutine.block():
+        with poutine.block(), torch.no_grad():
             trace = poutine.trace(init).get_trace(*args, **kwargs)
-        parts = []
+            trace.compute_log_prob(site_filter=lambda name, site: name not in latent)
+        parts, log_likelihood = [], torch.zeros((), dtype=torch.float64)
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or name in latent:
+                continue
+            log_likelihood = log_likelihood + site["log_prob_sum"].double()
         for name, site in guide.prototype_trace.iter_stochastic_nodes():
             value = trace.nodes[name]["value"].detach()
             parts.append(biject_to(site["fn"].support).inv(value).reshape(-1))
         draws.append(torch.cat(parts))
-    return torch.stack(draws)
+        log_likelihoods.append(log_likelihood.nan_to_num(nan=-math.inf))
+    return torch.stack(draws), torch.stack(log_likelihoods)
+
+
+class _Start(NamedTuple):
+    locs: torch.Tensor  # [K, D]
+    scales: torch.Tensor  # [K, D]
+    log_weights: torch.Tensor  # [K]
+    beta: float
+
+
+def _tempered_start(
+    guide: AutoContinuous, num_draws: int, ess_fraction: float, args: tuple, kwargs: dict
+) -> _Start:
+    r"""Starting ``(locs, scales, log_weights, beta)``: a mixture fit to tempered draws.
+
+    With :math:`u_i` prior draws (unconstrained) and :math:`\ell_i` their log-likelihoods,
+    the draws are weighted by :math:`w_i = e^{\beta \ell_i}` with the largest :math:`\beta \in
+    [0, 1]` whose effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` is at least
+    ``ess_fraction`` of the draws (bisection), resampled (systematic resampling) and fitted by
+    a diagonal Gaussian mixture (EM, :func:`~pyro_mixflow.nn.gmm.em_diagonal`). The scales
+    are the fitted ones times :math:`\sqrt\beta`: tempering a likelihood by :math:`\beta`
+    widens a Gaussian posterior by :math:`1 / \sqrt\beta` where the likelihood dominates,
+    so this undoes it.
+
+    Why not just prior draws: when the posterior is much narrower than the prior, components
+    started at prior draws must travel far, often along ridges where the likelihood is flat
+    (a mixture mean that explains no data), while the weights of the components that arrive
+    first take all the mass; on the 6-mode label-switching posterior of ``benchmarks/svi.py``
+    16 prior-started components found 0 of 6 modes, tempered-started ones 6 of 6 (3 seeds).
+    With no likelihood (a prior-only model) :math:`\beta = 1` and this is EM on prior draws.
+    """
+    draws, log_likelihood = _prior_draws_and_log_likelihoods(guide, num_draws, args, kwargs)
+    num_components = guide.num_components
+    finite = torch.isfinite(log_likelihood)
+    if int(finite.sum()) >= num_components:
+        draws, log_likelihood = draws[finite], log_likelihood[finite]
+    else:  # (almost) no draw has a finite likelihood: fall back to the prior
+        log_likelihood = torch.zeros(len(draws), dtype=torch.float64)
+    beta = _tempering_power(log_likelihood, ess_fraction)
+    weights = (beta * log_likelihood).softmax(0)
+    # systematic resampling: each draw appears floor or ceil of N w_i times
+    positions = (torch.rand((), dtype=torch.float64) + torch.arange(len(draws))) / len(draws)
+    index = torch.searchsorted(weights.cumsum(0), positions).clamp(max=len(draws) - 1)
+    resampled = draws[index].double()
+    seed = int(torch.randint(2**31 - 1, ()))
+    means, variances, mixture_weights = em_diagonal(resampled, num_components, seed=seed)
+    floor = (1e-3 * resampled.std(0)).square().clamp(min=1e-12).numpy()
+    scales = torch.as_tensor((beta * variances.clip(min=floor)) ** 0.5)
+    return _Start(torch.as_tensor(means), scales, torch.as_tensor(mixture_weights).log(), beta)
+
+
+def _tempering_power(log_likelihood: torch.Tensor, ess_fraction: float) -> float:
+    """The largest ``beta`` in ``[0, 1]`` with ``ESS(beta * log_likelihood) >= ess_fraction N``."""
+
+    def ess_fraction_at(beta: float) -> float:
+        log_w = (beta * log_likelihood).log_softmax(0)
+        return float(1 / (2 * log_w).exp().sum()) / len(log_likelihood)
+
+    if ess_fraction_at(1.0) >= ess_fraction:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        if ess_fraction_at(middle) >= ess_fraction:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def _init_to_sample_or_uniform(site: dict) -> torch.Tensor:

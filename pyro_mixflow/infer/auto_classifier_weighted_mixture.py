@@ -25,8 +25,8 @@ class AutoClassifierWeightedMixture(_AutoMixture):
 
     then :math:`x = T(u)` onto the model's supports (see
     :class:`~pyro_mixflow.ClassifierWeightedMixture`). The classifier :math:`f` is an MLP
-    ``[D, *hidden_dims, K]`` whose last layer starts at zero, so the guide starts as an
-    equal-weight mixture of Gaussians (components spread as in :class:`AutoGaussianMixture`).
+    ``[D, *hidden_dims, K]`` whose last layer starts with zero weights, so the guide starts as
+    a mixture of Gaussians with constant weights (started as in :class:`AutoGaussianMixture`).
 
     The component index is discrete and the draws are not reparameterizable: train with
     :class:`~pyro_mixflow.infer.RaoBlackwellELBO`, which sums the index out (``K`` model
@@ -40,8 +40,10 @@ class AutoClassifierWeightedMixture(_AutoMixture):
         hidden_dims: Widths of the classifier's hidden layers.
         activation: Activation module class between layers.
         init_loc_fn: Per-site initialization of the centre.
-        init_scale: Initial scale of every component.
+        init_scale: Initial scale of every component; ``None``: from the initial fit (see
+            :class:`AutoGaussianMixture`).
         init_spread: Spread of the initial components (see :class:`AutoGaussianMixture`).
+        init_ess: Tempering of the initial fit (see :class:`AutoGaussianMixture`).
         quantile_samples: Draws used for :meth:`median` and :meth:`quantiles` (Monte Carlo).
 
     Example:
@@ -64,8 +66,9 @@ class AutoClassifierWeightedMixture(_AutoMixture):
         *,
         activation: Callable[[], nn.Module] = nn.Tanh,
         init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
-        init_scale: float = 0.5,
+        init_scale: float | None = None,
         init_spread: float = 1.0,
+        init_ess: float = 0.1,
         quantile_samples: int = 10000,
     ) -> None:
         hidden_dims = tuple(hidden_dims)
@@ -79,6 +82,7 @@ class AutoClassifierWeightedMixture(_AutoMixture):
             init_loc_fn=init_loc_fn,
             init_scale=init_scale,
             init_spread=init_spread,
+            init_ess=init_ess,
             quantile_samples=quantile_samples,
         )
 
@@ -86,6 +90,8 @@ class AutoClassifierWeightedMixture(_AutoMixture):
         super()._setup_prototype(*args, **kwargs)
         widths = (self.latent_dim, *self._hidden_dims, self.num_components)
         self.classifier = mlp(widths, self._activation, zero_last=True).to(self.locs)
+        with torch.no_grad():  # a constant classifier: the initial fit's weights
+            self.classifier[-1].bias.copy_(self._init_log_weights)
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> ClassifierWeightedMixture:
         """The classifier weighted mixture over the unconstrained latent vector."""

@@ -7,9 +7,11 @@ from typing import Any
 
 import pyro.distributions.transforms as T
 import torch
+from pyro.distributions import constraints
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroParam
 from torch import nn
-from torch.distributions import Transform
+from torch.distributions import AffineTransform, Transform
 
 from pyro_mixflow.distributions.mixture_base_flow import MixtureBaseFlow
 from pyro_mixflow.infer.auto_gaussian_mixture import AutoGaussianMixture
@@ -20,8 +22,9 @@ __all__ = ["AutoMixtureBaseFlow"]
 class AutoMixtureBaseFlow(AutoGaussianMixture):
     r"""A guide that is a normalizing flow over a mixture of diagonal Gaussians.
 
-    .. math:: u = g(z), \quad z \sim \sum_k \pi_k \mathcal{N}(\mu_k, \operatorname{diag}
-              \sigma_k^2), \qquad \log q(u) = \log q_0(z) - \log|\det J_g(z)|,
+    .. math:: u = m + s \odot g(z), \quad z \sim \sum_k \pi_k \mathcal{N}(\mu_k,
+              \operatorname{diag} \sigma_k^2), \qquad
+              \log q(u) = \log q_0(z) - \log|\det J_g(z)| - \textstyle\sum_d \log s_d,
 
     then :math:`x = T(u)` onto the model's supports. The mixture base (set up and
     reparameterized as in :class:`AutoGaussianMixture`, same ``estimator`` choices) places
@@ -30,20 +33,27 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
     forward pass (:meth:`MixtureBaseFlow.rsample_and_log_prob`), so autoregressive flows are
     cheap in this direction. Works with :class:`~pyro_mixflow.infer.RaoBlackwellELBO`.
 
+    The flow :math:`g` acts on standardized coordinates: :math:`m` and :math:`s` (buffers
+    ``center`` and ``spread``) are the mean and standard deviation of the initial mixture,
+    fixed, so that the flow's networks see inputs of order one whatever the model's units (on
+    Neal's funnel, prior draws reach :math:`|u| \approx 10^3`, and an IAF fed such inputs
+    diverged within 3 steps).
+
     Args:
         model: A Pyro model with continuous latent sites.
         init_transform_fn: Called with the latent dimension, returns the transform(s) applied
-            to the base (torch/Pyro transforms or nflows transforms). The default is one
-            Pyro ``affine_autoregressive`` (IAF) with hidden width ``3 D + 3``, started at the
-            identity (so the guide starts as its base mixture), for ``D > 1`` and an
+            to the (standardized) base (torch/Pyro transforms or nflows transforms). The
+            default is one Pyro ``affine_autoregressive`` (IAF) with hidden width ``3 D + 3``,
+            started at the identity (so the guide starts as its base mixture), for ``D > 1`` and an
             elementwise ``spline`` for ``D = 1``.
         num_components: Number of base components.
         estimator: ``"exact"``, ``"gumbel_softmax"`` or ``"straight_through"``.
         temperature: Temperature of the relaxed estimators.
         init_loc_fn: Per-site initialization of the centre.
-        init_scale: Initial scale of every base component.
-        init_spread: Scale of the initial spread of the components (see
+        init_scale: Initial scale of every component; ``None``: from the initial fit (see
             :class:`AutoGaussianMixture`).
+        init_spread: Spread of the initial components (see :class:`AutoGaussianMixture`).
+        init_ess: Tempering of the initial fit (see :class:`AutoGaussianMixture`).
         quantile_samples: Draws used for :meth:`median` and :meth:`quantiles` (Monte Carlo).
 
     Example:
@@ -66,8 +76,9 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
         estimator: str = "exact",
         temperature: float = 0.5,
         init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
-        init_scale: float = 0.5,
+        init_scale: float | None = None,
         init_spread: float = 1.0,
+        init_ess: float = 0.1,
         quantile_samples: int = 10000,
     ) -> None:
         if init_transform_fn is not None and not callable(init_transform_fn):
@@ -83,11 +94,24 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
             init_loc_fn=init_loc_fn,
             init_scale=init_scale,
             init_spread=init_spread,
+            init_ess=init_ess,
             quantile_samples=quantile_samples,
         )
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
+        # The flow acts on standardized coordinates: the initial mixture's mean and standard
+        # deviation set a fixed affine map after it, and the base is expressed before it.
+        with torch.no_grad():
+            weights = self.logits.softmax(-1).unsqueeze(-1)  # [K, 1]
+            center = (weights * self.locs).sum(0)
+            second = (weights * (self.scales.square() + self.locs.square())).sum(0)
+            spread = (second - center.square()).clamp(min=1e-12).sqrt()
+            locs, scales = (self.locs - center) / spread, self.scales / spread
+        self.register_buffer("center", center)
+        self.register_buffer("spread", spread)
+        self.locs = PyroParam(locs, constraints.real)
+        self.scales = PyroParam(scales, constraints.softplus_positive)
         transforms = self._init_transform_fn(self.latent_dim)
         if not isinstance(transforms, Sequence):
             transforms = [transforms]
@@ -99,7 +123,10 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> MixtureBaseFlow:
         """The flow over the mixture base, on the unconstrained latent vector."""
-        return MixtureBaseFlow(super().get_posterior(*args, **kwargs), list(self.transforms))
+        standardization = AffineTransform(self.center, self.spread, event_dim=1, cache_size=1)
+        return MixtureBaseFlow(
+            super().get_posterior(*args, **kwargs), [*self.transforms, standardization]
+        )
 
     def _marginal_quantiles(self, probs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Monte Carlo coordinate-wise quantiles (the flow has no closed form)."""
