@@ -80,7 +80,8 @@ def model():
 # ## Guides and fit
 # One budget for both: Adam with learning rate 5e-3, 8 model evaluations per step.
 # `AutoNormal` uses `Trace_ELBO` with 8 vectorized particles. `AutoGaussianMixture` has 8
-# components spread over the prior at the start; `RaoBlackwellELBO(num_particles=1)` sums the
+# components, started from an EM fit to prior draws reweighted by a tempered likelihood (so
+# they start near the posterior's modes); `RaoBlackwellELBO(num_particles=1)` sums the
 # component index out, drawing once from each component: 8 model evaluations too, and an
 # unbiased gradient for the weights with no score function.
 
