@@ -15,11 +15,13 @@ from pyro.nn import PyroParam
 from torch.distributions import biject_to
 
 from pyro_mixflow._checks import check_positive_int
+from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.nn.gmm import em_diagonal
 
 __all__: list[str] = []
 
 _MIN_INIT_DRAWS = 1000
+_MIN_DISTINCT = 5  # distinct draws an initial component needs
 
 
 class _QuantilesFromDraws:
@@ -213,10 +215,53 @@ def _tempered_start(
     index = torch.searchsorted(weights.cumsum(0), positions).clamp(max=len(draws) - 1)
     resampled = draws[index].double()
     seed = int(torch.randint(2**31 - 1, ()))
-    means, variances, mixture_weights = em_diagonal(resampled, num_components, seed=seed)
-    floor = (1e-3 * resampled.std(0)).square().clamp(min=1e-12).numpy()
-    scales = torch.as_tensor((beta * variances.clip(min=floor)) ** 0.5)
-    return _Start(torch.as_tensor(means), scales, torch.as_tensor(mixture_weights).log(), beta)
+    means, variances, mixture_weights = _fit_without_stragglers(
+        resampled, index.unique(), draws, num_components, seed
+    )
+    floor = (1e-3 * resampled.std(0)).square().clamp(min=1e-12)
+    scales = (beta * variances.clamp(min=floor)).sqrt()
+    return _Start(means, scales, mixture_weights.log(), beta)
+
+
+def _fit_without_stragglers(
+    resampled: torch.Tensor,
+    distinct: torch.Tensor,
+    draws: torch.Tensor,
+    num_components: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""EM with ``K`` components, none of them fitted to fewer than a few distinct draws.
+
+    Heavy tails (Neal's funnel: prior draws reach :math:`|u| \approx 10^3`) make EM spend
+    components on single far draws; a guide's component started there has a tiny scale, no
+    weight, and no gradient to leave. Such components (fewer than ``_MIN_DISTINCT`` distinct
+    draws nearest to them) are dropped, and the heaviest components split along their widest
+    axis relative to the draws' spread (means :math:`\pm` half a standard deviation, weights
+    halved) until there are ``K`` again.
+    """
+    fit = em_diagonal(resampled, num_components, seed=seed)
+    means, variances, weights = (torch.as_tensor(a) for a in fit)
+    mixture = DiagNormalMixture(means, variances.sqrt(), weights.log())
+    nearest = mixture.log_responsibilities(draws[distinct].double()).argmax(-1)
+    kept = nearest.bincount(minlength=num_components) >= _MIN_DISTINCT
+    if not kept.any():
+        kept[weights.argmax()] = True
+    means, variances, weights = means[kept], variances[kept], weights[kept] / weights[kept].sum()
+    spread = resampled.var(0).clamp(min=1e-12)
+    while len(means) < num_components:
+        k = int(weights.argmax())
+        axis = int((variances[k] / spread).argmax())
+        offset = torch.zeros_like(means[k])
+        offset[axis] = 0.5 * variances[k, axis].sqrt()
+        variance = variances[k].clone()
+        variance[axis] *= 0.75  # the two halves together keep the component's variance
+        means = torch.cat([means, (means[k] + offset)[None]])
+        means[k] -= offset
+        variances = torch.cat([variances, variance[None]])
+        variances[k] = variance
+        weights = torch.cat([weights, weights[k, None] / 2])
+        weights[k] /= 2
+    return means, variances, weights
 
 
 def _tempering_power(log_likelihood: torch.Tensor, ess_fraction: float) -> float:
