@@ -65,7 +65,7 @@ class AutoGaussianMixture(_AutoMixture):
     all the weight. On the 6-mode label-switching posterior of ``benchmarks/svi.py``,
     components started at k-means centres of prior draws found 0 of 6 modes, this start at
     least 5 of 6 (3 of 3 seeds); on Neal's funnel, dropping the single-draw components took
-    the ELBO − log Z from −0.90 to about −0.17 (Pyro's ``AutoIAFNormal``: −0.48).
+    the ELBO − log Z from −0.90 to −0.21 (Pyro's ``AutoIAFNormal``: −0.48; 3 seeds).
 
     Sixteen components by default: on the 2-D target with four separated modes, 16 and 8
     components both find every mode at the right share on 3 of 3 seeds, but the 6-mode
