@@ -1,6 +1,6 @@
 r"""The partition a RAD flow learns: which piece of each layer every point of the plane is in.
 
-A :class:`pyro_mixflow.nn.RAD` (defaults: 4 folding layers of 8 pieces) is fitted to a 2-D
+A :class:`pyro_mixflow.nn.RAD` (defaults: 4 folding layers of 2 pieces) is fitted to a 2-D
 benchmark density with the density benchmark's budget (20,000 draws, 3,000 Adam steps of batch
 512, lr :math:`10^{-3}` cosine, best validated state). For every point of a grid over the
 dataset's bounds, :meth:`~pyro_mixflow.distributions.RADFlow.piece_indices` gives the piece
