@@ -189,17 +189,14 @@ def _tempered_start(
     the draws are weighted by :math:`w_i = e^{\beta \ell_i}` with the largest :math:`\beta \in
     [0, 1]` whose effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` is at least
     ``ess_fraction`` of the draws (bisection), resampled (systematic resampling) and fitted by
-    a diagonal Gaussian mixture (EM, :func:`~pyro_mixflow.nn.gmm.em_diagonal`). The scales
+    a diagonal Gaussian mixture (EM, :func:`~pyro_mixflow.nn.gmm.em_diagonal`, with no
+    component on a lone draw: :func:`_fit_without_stragglers`). The scales
     are the fitted ones times :math:`\sqrt\beta`: tempering a likelihood by :math:`\beta`
     widens a Gaussian posterior by :math:`1 / \sqrt\beta` where the likelihood dominates,
     so this undoes it.
 
-    Why not just prior draws: when the posterior is much narrower than the prior, components
-    started at prior draws must travel far, often along ridges where the likelihood is flat
-    (a mixture mean that explains no data), while the weights of the components that arrive
-    first take all the mass; on the 6-mode label-switching posterior of ``benchmarks/svi.py``
-    16 prior-started components found 0 of 6 modes, tempered-started ones 6 of 6 (3 seeds).
     With no likelihood (a prior-only model) :math:`\beta = 1` and this is EM on prior draws.
+    Why this start, with figures: :class:`~pyro_mixflow.infer.AutoGaussianMixture`.
     """
     draws, log_likelihood = _prior_draws_and_log_likelihoods(guide, num_draws, args, kwargs)
     num_components = guide.num_components
@@ -216,7 +213,7 @@ def _tempered_start(
     resampled = draws[index].double()
     seed = int(torch.randint(2**31 - 1, ()))
     means, variances, mixture_weights = _fit_without_stragglers(
-        resampled, index.unique(), draws, num_components, seed
+        resampled, draws[index.unique()].double(), num_components, seed
     )
     floor = (1e-3 * resampled.std(0)).square().clamp(min=1e-12)
     scales = (beta * variances.clamp(min=floor)).sqrt()
@@ -224,13 +221,11 @@ def _tempered_start(
 
 
 def _fit_without_stragglers(
-    resampled: torch.Tensor,
-    distinct: torch.Tensor,
-    draws: torch.Tensor,
-    num_components: int,
-    seed: int,
+    resampled: torch.Tensor, distinct: torch.Tensor, num_components: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""EM with ``K`` components, none of them fitted to fewer than a few distinct draws.
+
+    ``resampled`` are the (resampled, repeated) draws EM fits, ``distinct`` the distinct ones.
 
     Heavy tails (Neal's funnel: prior draws reach :math:`|u| \approx 10^3`) make EM spend
     components on single far draws; a guide's component started there has a tiny scale, no
@@ -242,7 +237,7 @@ def _fit_without_stragglers(
     fit = em_diagonal(resampled, num_components, seed=seed)
     means, variances, weights = (torch.as_tensor(a) for a in fit)
     mixture = DiagNormalMixture(means, variances.sqrt(), weights.log())
-    nearest = mixture.log_responsibilities(draws[distinct].double()).argmax(-1)
+    nearest = mixture.log_responsibilities(distinct).argmax(-1)
     kept = nearest.bincount(minlength=num_components) >= _MIN_DISTINCT
     if not kept.any():
         kept[weights.argmax()] = True
