@@ -38,6 +38,15 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
     so that the folded interval starts across the prior; the layers start at random (that
     breaks the symmetry between pieces).
 
+    .. warning::
+        Experimental. At the budget of ``benchmarks/svi.py`` (3000 Adam steps of 5e-3) the
+        straight-through gradient drives the layers' splines to end slopes where their
+        inverse, which ``rsample`` uses, loses accuracy: on the four-mode target the draws
+        stopped following the guide's density after about 2000 steps (the density's mass on
+        a grid fell from 1.00 to 0.003, and the ELBO estimate rose above log Z). Check
+        :func:`~pyro_mixflow.diagnostics.importance_diagnostics` (k̂) before trusting it;
+        :class:`AutoGaussianMixture` is the guide to use.
+
     Args:
         model: A Pyro model with continuous latent sites (two or more unconstrained
             coordinates: a coupling layer needs coordinates to condition on).
