@@ -212,22 +212,6 @@ def test_spline_end_slopes_are_free():
     torch.testing.assert_close(log_slope.squeeze(-1).exp(), torch.tensor([5.0, 0.2]).double())
 
 
-def test_end_slopes_are_capped_at_max_log_end_slope():
-    layer = RADCoupling(1, num_pieces=2, hidden_dims=(4,), bound=2.0, max_log_end_slope=0.0)
-    layer = layer.double()
-    size = 3 * layer.num_bins + 1
-    bias = layer.conditioner.last_bias()
-    with torch.no_grad():
-        bias[2 + size + 2 * layer.num_bins] = math.log(5.0)  # asks for 5 at -B: capped to 1
-        bias[2 + 2 * size - 1] = math.log(0.2)  # 0.2 at +B: below the cap, kept
-    params = layer._conditioning(torch.zeros(2, 0, dtype=torch.float64))[2]
-    ends = torch.tensor([[-2.0], [2.0]], dtype=torch.float64)
-    _, log_slope = layer._elementwise(ends, params, inverse=False)
-    torch.testing.assert_close(log_slope.squeeze(-1).exp(), torch.tensor([1.0, 0.2]).double())
-    with pytest.raises(ValueError, match="`max_log_end_slope` must be a number"):
-        RADCoupling(2, max_log_end_slope="6")
-
-
 @pytest.mark.parametrize("continuous", [True, False])
 def test_density_is_continuous_across_fold_lines(continuous):
     """Where two pieces meet the density is continuous with the damped gating, and jumps

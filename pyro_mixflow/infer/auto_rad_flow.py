@@ -90,7 +90,6 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
             "num_pieces": num_pieces,
             "hidden_dims": tuple(hidden_dims),
             "bound": float(bound),
-            "max_log_end_slope": 0.0,  # draws stay accurate: see RADCoupling
         }
         self.num_pieces, self.num_layers = num_pieces, num_layers
         self._quantile_samples = quantile_samples
