@@ -513,7 +513,7 @@ def run(
                 except Exception as exc:  # a failing guide is a result, not a crash
                     traceback.print_exc()
                     record = Record(name, guide_name, seed)
-                    record.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    record.error = f"{type(exc).__name__}: {str(exc).partition(chr(10))[0][:200]}"
                 result["records"].append(asdict(record))
                 result["runtime"] = time.time() - started
                 _save(out, tag, result)

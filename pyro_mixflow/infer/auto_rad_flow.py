@@ -39,13 +39,15 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
     breaks the symmetry between pieces).
 
     .. warning::
-        Experimental. At the budget of ``benchmarks/svi.py`` (3000 Adam steps of 5e-3) the
-        straight-through gradient drives the layers' splines to end slopes where their
-        inverse, which ``rsample`` uses, loses accuracy: on the four-mode target the draws
-        stopped following the guide's density after about 2000 steps (the density's mass on
-        a grid fell from 1.00 to 0.003, and the ELBO estimate rose above log Z). Check
-        :func:`~pyro_mixflow.diagnostics.importance_diagnostics` (k̂) before trusting it;
-        :class:`AutoGaussianMixture` is the guide to use.
+        Experimental: at the budget of ``benchmarks/svi.py`` it finds fewer modes than
+        :class:`AutoGaussianMixture`, the guide to use, and long runs are not reliable.
+        ``rsample`` inverts the layers' splines, and the straight-through gradient drives them
+        to parameters where nflows' spline inverse loses accuracy: on the four-mode target
+        the density's mass on a grid fell from 1.00 to 0.003 by step 3000 while the draws
+        stopped following it, and other full-budget runs stopped on nflows' assertion
+        ``discriminant >= 0`` (capping the splines' end slopes at 1 did not prevent it).
+        Check :func:`~pyro_mixflow.diagnostics.importance_diagnostics` (k̂) before trusting
+        it.
 
     Args:
         model: A Pyro model with continuous latent sites (two or more unconstrained
