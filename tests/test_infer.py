@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pyro
 import pyro.distributions as dist
@@ -166,18 +167,20 @@ def test_guides_train_under_plates_with_constrained_latents(name):
     assert samples["obs"].shape == (7, len(DATA))
 
 
-@pytest.mark.parametrize("estimator", ["exact", "gumbel_softmax", "straight_through"])
-def test_gaussian_mixture_estimators_with_vectorized_trace_elbo(estimator):
+@pytest.mark.parametrize(
+    "make_guide",
+    [
+        *(
+            partial(AutoGaussianMixture, num_components=3, estimator=estimator)
+            for estimator in ("exact", "gumbel_softmax", "straight_through")
+        ),
+        partial(AutoMixtureBaseFlow, num_components=3),
+    ],
+    ids=["exact", "gumbel_softmax", "straight_through", "mixture_base_flow"],
+)
+def test_guides_with_vectorized_trace_elbo(make_guide):
     pyro.set_rng_seed(0)
-    guide = AutoGaussianMixture(plated_model, num_components=3, estimator=estimator)
-    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
-    svi = SVI(plated_model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
-    assert math.isfinite(svi.step(DATA))
-
-
-def test_mixture_base_flow_guide_with_vectorized_trace_elbo():
-    pyro.set_rng_seed(0)
-    guide = AutoMixtureBaseFlow(plated_model, num_components=3)
+    guide = make_guide(plated_model)
     elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
     svi = SVI(plated_model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
     assert math.isfinite(svi.step(DATA))

@@ -13,6 +13,7 @@ from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import AffineTransform, Transform
 
+from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.distributions.mixture_base_flow import MixtureBaseFlow
 from pyro_mixflow.infer.auto_gaussian_mixture import AutoGaussianMixture
 
@@ -103,10 +104,8 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
         # The flow acts on standardized coordinates: the initial mixture's mean and standard
         # deviation set a fixed affine map after it, and the base is expressed before it.
         with torch.no_grad():
-            weights = self.logits.softmax(-1).unsqueeze(-1)  # [K, 1]
-            center = (weights * self.locs).sum(0)
-            second = (weights * (self.scales.square() + self.locs.square())).sum(0)
-            spread = (second - center.square()).clamp(min=1e-12).sqrt()
+            start = DiagNormalMixture(self.locs, self.scales, self.logits)
+            center, spread = start.mean, start.variance.clamp(min=1e-12).sqrt()
             locs, scales = (self.locs - center) / spread, self.scales / spread
         self.register_buffer("center", center)
         self.register_buffer("spread", spread)
