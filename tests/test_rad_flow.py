@@ -16,6 +16,7 @@ from pyro_mixflow import fit
 from pyro_mixflow.distributions import RADFlow
 from pyro_mixflow.nn import RAD
 from pyro_mixflow.transforms import RADCoupling
+from pyro_mixflow.transforms._spline import rational_quadratic
 from tests.conftest import Z_THRESHOLD
 from tests.test_generic import _chi_square_2d
 
@@ -210,6 +211,43 @@ def test_spline_end_slopes_are_free():
     ends = torch.tensor([[-2.0], [2.0]], dtype=torch.float64)
     _, log_slope = layer._elementwise(ends, params, inverse=False)
     torch.testing.assert_close(log_slope.squeeze(-1).exp(), torch.tensor([5.0, 0.2]).double())
+
+
+def _spline_parameters(shape, scale, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    widths, heights = (scale * torch.randn(*shape, 8, generator=gen, dtype=dtype) for _ in "wh")
+    raw = scale * torch.randn(*shape, 9, generator=gen, dtype=dtype)
+    return widths, heights, raw, 1e-3 + torch.nn.functional.softplus(raw)
+
+
+def test_spline_matches_nflows():
+    """Our rational-quadratic spline is nflows' (same bins, slopes and log-determinants)."""
+    from nflows.transforms.splines.rational_quadratic import rational_quadratic_spline
+
+    widths, heights, raw, slopes = _spline_parameters((500,), 2.0, torch.float64)
+    x = 6 * torch.rand(500, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 3
+    box = {"left": -3.0, "right": 3.0, "bottom": -3.0, "top": 3.0, "min_derivative": 1e-3}
+    for inverse in (False, True):
+        expected = rational_quadratic_spline(x, widths, heights, raw, inverse=inverse, **box)
+        got = rational_quadratic(x, widths, heights, slopes, bound=3.0, inverse=inverse)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_spline_inverse_is_accurate_at_extreme_parameters():
+    """At the steep, nearly flat splines that long fits reach, the inverse is solved in float64:
+    a float32 input gives the float64 answer rounded once, which maps back onto the input
+    (nflows' float32 inverse raises ``discriminant >= 0`` on these parameters)."""
+    widths, heights, _, slopes = _spline_parameters((20000,), 8.0, torch.float64)
+    x = 6 * torch.rand(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 3
+    y, _ = rational_quadratic(x, widths, heights, slopes, bound=3.0)
+    x64, _ = rational_quadratic(y, widths, heights, slopes, bound=3.0, inverse=True)
+    y_back, _ = rational_quadratic(x64, widths, heights, slopes, bound=3.0)
+    assert (y_back - y).abs().max() < 1e-9
+    single = [t.float() for t in (y, widths, heights, slopes)]
+    x32, log_det32 = rational_quadratic(*single, bound=3.0, inverse=True)
+    assert x32.dtype == log_det32.dtype == torch.float32
+    exact, _ = rational_quadratic(*(t.double() for t in single), bound=3.0, inverse=True)
+    torch.testing.assert_close(x32, exact.float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("continuous", [True, False])

@@ -6,13 +6,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-from nflows.transforms.splines.rational_quadratic import rational_quadratic_spline
 from torch import nn
 from torch.distributions import Categorical
 from torch.nn import functional as F
 
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow._mlp import mlp
+from pyro_mixflow.transforms._spline import rational_quadratic
 
 __all__ = ["RADCoupling"]
 
@@ -62,8 +62,10 @@ class RADCoupling(nn.Module):
     3. **an elementwise map** :math:`z_j = h_j(u_j; x_a)`: a rational-quadratic spline on
        :math:`[-B, B]` (Durkan et al. 2019, identity outside) whose slopes at :math:`\pm B`
        are learned like the inner ones (as logarithms, at most :math:`e^6`), an affine map,
-       or nothing. (Every fold line folds to :math:`u_j = \pm B`, and the splines and the
-       folds of all layers map :math:`\pm B` to :math:`\pm B`: with those slopes pinned to 1,
+       or nothing. The spline's inverse (used by :meth:`inverse`) is solved in float64, so
+       that draws keep following the density at the steep splines that long fits reach.
+       (Every fold line folds to :math:`u_j = \pm B`, and the splines and the folds of all
+       layers map :math:`\pm B` to :math:`\pm B`: with those slopes pinned to 1,
        as with nflows' linear tails, the density on every fold line is pinned to the
        latent's where that coordinate is :math:`\pm B`, about :math:`\varphi(3)` for a
        standard normal: a valley along each fold line.)
@@ -356,21 +358,17 @@ class RADCoupling(nn.Module):
         params = params[..., :size] if pre else params[..., size:]
         shape = torch.broadcast_shapes(u.shape, params.shape[:-1])
         params, u = params.expand(*shape, size), u.expand(shape)
-        derivatives = params[..., 2 * bins :]  # knots 0 .. bins; the two ends as logarithms
-        ends = derivatives[..., [0, -1]].clamp(max=_MAX_LOG_END_DERIVATIVE).exp()
-        ends = _inverse_softplus(ends - _MIN_DERIVATIVE)
-        derivatives = torch.cat([ends[..., :1], derivatives[..., 1:-1], ends[..., 1:]], -1)
-        out, log_det = rational_quadratic_spline(
-            u.clamp(-bound, bound),
+        raw = params[..., 2 * bins :]  # slopes at knots 0 .. bins: the two ends as logarithms
+        ends = raw[..., [0, -1]].clamp(max=_MAX_LOG_END_DERIVATIVE).exp().clamp(min=_MIN_DERIVATIVE)
+        inner = _MIN_DERIVATIVE + F.softplus(raw[..., 1:-1])
+        derivatives = torch.cat([ends[..., :1], inner, ends[..., 1:]], -1)
+        out, log_det = rational_quadratic(
+            u,
             params[..., :bins],
             params[..., bins : 2 * bins],
             derivatives,
+            bound=bound,
             inverse=inverse,
-            left=-bound,
-            right=bound,
-            bottom=-bound,
-            top=bound,
-            min_derivative=_MIN_DERIVATIVE,
         )
         inside = u.abs() <= bound  # identity outside [-B, B]
         return torch.where(inside, out, u), torch.where(inside, log_det, torch.zeros_like(u))
