@@ -140,6 +140,30 @@ def test_rsample_values_follow_the_density():
         assert _chi_square_2d(x.detach(), flow.log_prob) > 1e-3
 
 
+def test_log_prob_of_a_draw_is_read_along_its_path():
+    """``log_prob`` of the latest draw is the path's (the same as a fresh pass, and carrying a
+    graph after ``rsample``); other values, or a graph needed after ``sample``, take a pass."""
+    layers = [
+        _randomize(RADCoupling(2, num_pieces=3, hidden_dims=(8,), parity=p), seed=p).double()
+        for p in (0, 1)
+    ]
+    loc, scale = torch.tensor([1.0, -2.0]).double(), torch.tensor([0.5, 3.0]).double()
+    flow = RADFlow([layers[0], AffineTransform(loc, scale, event_dim=1), layers[1]])
+    torch.manual_seed(0)
+    x = flow.rsample((300,))
+    path = flow.log_prob(x)
+    assert path is flow._last_draw[1] and path.requires_grad
+    torch.testing.assert_close(path, flow.log_prob(x.clone()))
+    path.sum().backward()  # the path value carries the pathwise gradient
+    assert all(p.grad is not None for m in layers for p in m.parameters())
+    x = flow.sample((300,))
+    with torch.no_grad():
+        assert flow.log_prob(x) is flow._last_draw[1]
+    recomputed = flow.log_prob(x)  # a graph is needed: a fresh pass
+    assert recomputed.requires_grad
+    torch.testing.assert_close(recomputed.detach(), flow._last_draw[1])
+
+
 @pytest.mark.parametrize("elementwise", ["spline", "affine", "none"])
 def test_each_piece_inverts(elementwise):
     layer = _randomize(RADCoupling(3, num_pieces=4, hidden_dims=(8,), elementwise=elementwise))
@@ -154,7 +178,10 @@ def test_each_piece_inverts(elementwise):
         pieces = torch.where(u_inside, k, 4)
         x_k = layer.inverse(z, pieces=pieces)
         torch.testing.assert_close(layer.piece_index(x_k), pieces)
-        torch.testing.assert_close(layer(x_k)[0], z)
+        z_k, log_weight = layer(x_k)
+        torch.testing.assert_close(z_k, z)
+        # The sampling path's log-weight is the forward pass's.
+        torch.testing.assert_close(layer.inverse_and_log_weight(z, pieces=pieces)[1], log_weight)
 
 
 def test_mask_excludes_exactly_the_impossible_pieces():
