@@ -39,15 +39,11 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
     breaks the symmetry between pieces).
 
     .. warning::
-        Experimental: at the budget of ``benchmarks/svi.py`` it finds fewer modes than
-        :class:`AutoGaussianMixture`, the guide to use, and long runs are not reliable.
-        ``rsample`` inverts the layers' splines, and the straight-through gradient drives them
-        to parameters where nflows' spline inverse loses accuracy: on the four-mode target
-        the density's mass on a grid fell from 1.00 to 0.003 by step 3000 while the draws
-        stopped following it, and other full-budget runs stopped on nflows' assertion
-        ``discriminant >= 0`` (capping the splines' end slopes at 1 did not prevent it).
-        Check :func:`~pyro_mixflow.diagnostics.importance_diagnostics` (k̂) before trusting
-        it.
+        Experimental: at the budget of ``benchmarks/svi.py`` it puts no mode at the right share
+        on the four-mode, ring and label-switching targets (log Z errors -1.1, -0.8 and -1.9
+        over 3 seeds) and fails on Neal's funnel, where :class:`AutoGaussianMixture`, the guide
+        to use, meets every goal. Check :func:`~pyro_mixflow.diagnostics.importance_diagnostics`
+        (k̂) before trusting it.
 
     Args:
         model: A Pyro model with continuous latent sites (two or more unconstrained

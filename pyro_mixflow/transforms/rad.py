@@ -250,7 +250,7 @@ class RADCoupling(nn.Module):
         At steep splines a float32 draw can land, by rounding, a hair across a fold line
         from the piece it was drawn in; :meth:`forward` then reads the neighbouring piece's
         path, while this weight stays that of the draw. (In our Pyro SVI runs such draws,
-        about 3 in 1,000, gave log-densities off by hundreds of nats, and the optimizer
+        2 to 3 in 1,000, gave log-densities off by hundreds of nats, and the optimizer
         learned to exploit them.)
 
         Args:
