@@ -260,6 +260,12 @@ class RADCoupling(nn.Module):
 
         Returns:
             ``(x, log_weight)`` of shapes ``(..., D)`` and ``(...)``.
+
+        Example:
+            >>> layer = RADCoupling(2, hidden_dims=(8,))
+            >>> x, log_weight = layer.inverse_and_log_weight(torch.randn(4, 2))
+            >>> torch.allclose(layer(x)[1], log_weight, atol=1e-4)
+            True
         """
         self._check_points("z", z)
         x_a, z_b = z[..., self.kept], z[..., self.folded]
