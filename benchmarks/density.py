@@ -57,10 +57,11 @@ test set and the grid is not timed.
 * ``cwm`` (ours): ``pyro_mixflow.nn.CWM(2, 50, hidden_dims=(64, 64))`` (a classifier weighted
   mixture; the paper's classifier is three layers of 128, three times slower per step here),
   ``init_from_data`` (EM; the untrained model is the EM mixture), then ``fit``.
-* ``rad`` (ours): ``pyro_mixflow.nn.RAD(2)`` with its defaults (4 RAD folding couplings of 2
-  pieces on 3 standard deviations, networks 64 wide, splines of 8 bins with learned end
-  slopes before and after each fold, started so that the untrained model is close to a
-  standard normal), ``init_from_data`` (standardization), then ``fit``.
+* ``rad`` (ours): ``pyro_mixflow.nn.RAD(2)`` with its defaults (4 RAD couplings: the middle
+  two fold with 2 pieces on 3 standard deviations, the first and last do not fold; networks 64
+  wide, splines of 8 bins with learned end slopes before and after each fold, started so that
+  the untrained model is close to a standard normal), ``init_from_data`` (standardization),
+  then ``fit``.
 
 The three peer flows see standardized data, :math:`z = (x - m) / s` with the training rows'
 mean and standard deviation, and their log-density is mapped back,

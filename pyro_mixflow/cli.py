@@ -174,7 +174,7 @@ def _add_fit(commands) -> None:
         type=_positive_int,
         metavar="K",
         help="mixture components, or pieces per fold for rad (default: the model's: gmm 8, "
-        "flow 50, cwm 8, rad 8)",
+        "flow 50, cwm 8, rad 2)",
     )
     fit.add_argument(
         "--hidden-dims",

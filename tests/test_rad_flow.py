@@ -358,6 +358,33 @@ def test_invalid_arguments():
         RAD(2)(context=torch.zeros(2))
     with pytest.raises(ValueError, match="`num_layers` must be a positive integer"):
         RAD(2, num_layers=0)
+    with pytest.raises(ValueError, match=r"`num_pieces` must have one entry per layer \(4\)"):
+        RAD(2, num_pieces=(2, 2))
+    with pytest.raises(ValueError, match=r"`num_pieces\[i\]` must be a positive integer"):
+        RAD(2, num_pieces=(1, 0, 2, 1))
+    with pytest.raises(ValueError, match="`num_pieces` must be a positive integer, got 0"):
+        RAD(2, num_pieces=0)
+
+
+def test_stack_folds_in_its_middle_layers_by_default():
+    """The first and last of 3+ layers do not fold (one piece, no gating network); a
+    one-piece layer is the two splines alone (the fold is the identity, the gating 1)."""
+    assert RAD(2).num_pieces == (1, 2, 2, 1)
+    assert RAD(2, num_layers=2).num_pieces == (2, 2)
+    assert RAD(2, fold_ends=True).num_pieces == (2, 2, 2, 2)
+    assert RAD(2, num_layers=3, num_pieces=(3, 1, 2)).num_pieces == (3, 1, 2)
+    model = RAD(2)
+    assert [layer.gate is None for layer in model.layers] == [True, False, False, True]
+    layer = _randomize(RADCoupling(2, num_pieces=1, hidden_dims=(8,))).double()
+    x = 2.5 * torch.randn(200, 2, generator=torch.Generator().manual_seed(0)).double()
+    z, log_weight = layer(x)
+    _, _, params = layer._conditioning(x[..., layer.kept])
+    u, log_det_pre = layer._elementwise(x[..., layer.folded], params, inverse=False, pre=True)
+    z_b, log_det = layer._elementwise(u, params, inverse=False)
+    torch.testing.assert_close(z[..., layer.folded], z_b)
+    torch.testing.assert_close(log_weight, (log_det_pre + log_det).sum(-1))
+    mass, bound = _integral_1d(RADFlow([_randomize(RADCoupling(1, num_pieces=1)).double()]))
+    assert abs(mass - 1) < bound + 1e-9, (mass, bound)
 
 
 def test_discontinuous_gating_integrates_to_one():

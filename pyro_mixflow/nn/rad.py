@@ -34,12 +34,21 @@ class RAD(nn.Module):
     2-D density benchmark's budget (3,000 Adam steps): more pieces fold unrelated parts of the
     data onto each other, which the later layers and the gating must then untangle, and
     training often stalls (with 8 pieces the KL on the checkerboard was 0.25 to 0.63
-    against 0.08 with 2; on the rings 0.7 to 0.9 against 0.05).
+    against 0.08 with 2; on the rings 0.7 to 0.9 against 0.05). By default the first and the
+    last layer do not fold (one piece: a spline coupling) when there are three layers or
+    more: the folds then act on data that one coupling has already straightened and leave a
+    coupling after them to shape the result. With 4 layers, folding in the middle two only
+    gave KL 0.052 to 0.085 on the checkerboard over four seeds (mean 0.071; every layer
+    folding: 0.079 to 0.121) and 0.064 to 0.068 on the Euler image (every layer: 0.075 to
+    0.090).
 
     Args:
         input_dim: Dimension :math:`D` of the data.
         num_layers: Number :math:`L` of RAD layers.
-        num_pieces: Pieces of each fold.
+        num_pieces: Pieces of each fold, or one number per layer (from the base side; 1: no
+            fold).
+        fold_ends: With one ``num_pieces`` for all layers, fold in the first and the last
+            layer too (by default they do not fold when ``num_layers >= 3``).
         hidden_dims: Hidden widths of each layer's networks.
         bound: Half-width of the folded interval, in standard deviations of the data.
         elementwise: Each layer's elementwise map, ``"spline"``, ``"affine"`` or ``"none"``.
@@ -62,7 +71,8 @@ class RAD(nn.Module):
         input_dim: int,
         *,
         num_layers: int = 4,
-        num_pieces: int = 2,
+        num_pieces: int | Sequence[int] = 2,
+        fold_ends: bool = False,
         hidden_dims: Sequence[int] = (64, 64),
         bound: float = 3.0,
         elementwise: str = "spline",
@@ -72,10 +82,11 @@ class RAD(nn.Module):
         check_positive_int("input_dim", input_dim)
         check_positive_int("num_layers", num_layers)
         self.input_dim = input_dim
+        self.num_pieces = _pieces_per_layer(num_pieces, num_layers, fold_ends)
         self.layers = nn.ModuleList(
             RADCoupling(
                 input_dim,
-                num_pieces=num_pieces,
+                num_pieces=self.num_pieces[i],
                 hidden_dims=hidden_dims,
                 bound=bound,
                 parity=i % 2,
@@ -116,3 +127,23 @@ class RAD(nn.Module):
         scale = data.std(0).clamp(min=1e-6) if len(data) > 1 else torch.ones_like(self.shift)
         self.scale.copy_(scale)
         return self
+
+
+def _pieces_per_layer(
+    num_pieces: int | Sequence[int], num_layers: int, fold_ends: bool
+) -> tuple[int, ...]:
+    """Each layer's number of pieces, from the base side."""
+    if isinstance(num_pieces, Sequence) and not isinstance(num_pieces, str):
+        pieces = tuple(num_pieces)
+        if len(pieces) != num_layers:
+            raise ValueError(
+                f"`num_pieces` must have one entry per layer ({num_layers}), got {len(pieces)}"
+            )
+        for k in pieces:
+            check_positive_int("num_pieces[i]", k)
+        return pieces
+    check_positive_int("num_pieces", num_pieces)
+    pieces = [num_pieces] * num_layers
+    if not fold_ends and num_layers >= 3:
+        pieces[0] = pieces[-1] = 1
+    return tuple(pieces)

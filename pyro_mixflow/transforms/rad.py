@@ -105,7 +105,8 @@ class RADCoupling(nn.Module):
 
     Args:
         input_dim: Dimension :math:`D` of the points.
-        num_pieces: Number :math:`K` of pieces of the fold.
+        num_pieces: Number :math:`K` of pieces of the fold (1: no fold; the layer is then a
+            spline coupling, with no gating network).
         hidden_dims: Hidden widths of the two networks (widths and elementwise map from
             :math:`x_a`; gating from :math:`(x_a, u, c_k, k)`).
         bound: Half-width :math:`B` of the folded interval.
@@ -178,7 +179,10 @@ class RADCoupling(nn.Module):
             with torch.no_grad():
                 splines = _uniformizing_splines(num_bins, self.bound).to(bias)
                 bias[:, num_pieces:] = splines / _CONDITIONER_SCALE
-        self.gate = _Conditioner(d_a + 2 * d_b + num_pieces, d_b, hidden_dims, scale=_GATE_SCALE)
+        self.gate = None  # with one piece the fold is the identity map and there is no choice
+        if num_pieces > 1:
+            gate_inputs = d_a + 2 * d_b + num_pieces
+            self.gate = _Conditioner(gate_inputs, d_b, hidden_dims, scale=_GATE_SCALE)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Data to latent: the latent point and the layer's log-weight.
@@ -361,6 +365,16 @@ class RADCoupling(nn.Module):
         return log_gate.gather(-1, pieces.unsqueeze(-1)).squeeze(-1) + log_slope
 
     def _log_gating(self, u, x_a, edges, log_widths, candidates=None) -> torch.Tensor:
+        logits = log_widths
+        if self.gate is not None:  # (one piece: nothing to choose)
+            logits = logits + self._free_gating(u, x_a, edges, log_widths, candidates)
+        inside = (u.abs() <= self.bound).unsqueeze(-1)
+        inner = torch.where(inside, logits.log_softmax(-1), -math.inf)
+        outer = torch.where(inside, -math.inf, 0.0).to(u.dtype)
+        return torch.cat([inner, outer], -1)
+
+    def _free_gating(self, u, x_a, edges, log_widths, candidates) -> torch.Tensor:
+        """The gating network's term (damped by ``rho(u)``), ``(..., d_b, K)``."""
         num_pieces = self.num_pieces
         if candidates is None:
             candidates = self._candidates(u, edges, log_widths)
@@ -379,11 +393,7 @@ class RADCoupling(nn.Module):
         if self.continuous:  # no gating preference where pieces meet (u = ±B)
             edge = (u.clamp(-self.bound, self.bound) / self.bound).square() ** _EDGE_POWER
             free = free * (1 - edge).unsqueeze(-1)
-        logits = log_widths + free
-        inside = (u.abs() <= self.bound).unsqueeze(-1)
-        inner = torch.where(inside, logits.log_softmax(-1), -math.inf)
-        outer = torch.where(inside, -math.inf, 0.0).to(u.dtype)
-        return torch.cat([inner, outer], -1)
+        return free
 
     def _elementwise(self, u, params, *, inverse: bool, pre: bool = False):
         """The map after the fold (``pre=False``) or, for splines, the one before it."""
