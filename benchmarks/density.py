@@ -87,6 +87,8 @@ Usage::
     wait; python benchmarks/density.py --report        # combine every density-*.json in --out
     python benchmarks/density.py --datasets rings --models realnvp-general --no-report
     python benchmarks/density.py --report A.json B.json --out DIR   # combine chosen runs
+    python benchmarks/density.py --models rad nflows-nsf --seed 1 --out DIR/1 --no-report
+    python benchmarks/density.py --seed-report DIR/*/density-*.json  # spread over seeds
 
 ``--report`` refuses runs with different budgets or seeds; where two runs hold the same
 (dataset, model) pair, the one started later wins.
@@ -652,6 +654,54 @@ def load_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[str,
     return runs, grids
 
 
+def seed_report(paths: Sequence[Path], out: Path) -> str:
+    """Writes ``density-seeds.md``: each model's KL over runs with different seeds.
+
+    A seed draws other training and test data and another initialization, so the spread
+    over seeds is what a user fitting one model to one sample sees. Runs must share a budget;
+    per (dataset, model, seed) the run started later wins.
+    """
+    runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["started"])
+    if not runs:
+        raise SystemExit("no density-*.json results to report")
+    if any(r["budget"] != runs[0]["budget"] for r in runs):
+        raise SystemExit("refusing to combine runs with different budgets")
+    kl: dict[tuple[str, str], dict[int, float]] = {}
+    for run_ in runs:
+        for r in run_["records"]:
+            if r["kl"] is not None:
+                kl.setdefault((r["dataset"], r["model"]), {})[run_["seed"]] = r["kl"]
+    names = [d for d in DATASETS if any(key[0] == d for key in kl)]
+    models = [m for m in MODELS if any(key[1] == m for key in kl)]
+    lines = [
+        "# 2-D density estimation over seeds: KL(truth ‖ model)",
+        "",
+        "Each seed draws other training and test data and another initialization; budget as "
+        "in `density.md`. Cells: mean ± standard deviation over seeds [min–max] (seeds); "
+        "then each seed's KL. Lower is better.",
+        "",
+        _table_header(["model", *names]),
+    ]
+    per_seed = []
+    for model in models:
+        cells = []
+        for name in names:
+            values = kl.get((name, model), {})
+            if not values:
+                cells.append("—")
+                continue
+            v = np.array([values[k] for k in sorted(values)])
+            sd = v.std(ddof=1) if len(v) > 1 else float("nan")
+            cells.append(f"{v.mean():.3f} ± {sd:.3f} [{v.min():.3f}–{v.max():.3f}] ({len(v)})")
+            seeds = ", ".join(f"{k}: {values[k]:.3f}" for k in sorted(values))
+            per_seed.append(f"- {name}, {MODELS[model]}: {seeds}")
+        lines.append(f"| {MODELS[model]} | " + " | ".join(cells) + " |")
+    text = "\n".join([*lines, "", "Per seed:", "", *per_seed, ""])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "density-seeds.md").write_text(text)
+    return text
+
+
 def report(runs: list[dict[str, Any]], grids: dict[str, np.ndarray], out: Path) -> str:
     """Writes ``density.md`` and ``density.png`` from the runs; returns the markdown."""
     records: dict[tuple[str, str], dict[str, Any]] = {}
@@ -982,10 +1032,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="combine these results (default: every density-*.json in --out) into "
         "density.md and density.png, without running anything",
     )
+    parser.add_argument(
+        "--seed-report",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="summarize runs with different seeds into density-seeds.md in --out (mean, "
+        "spread and each seed's KL), without running anything",
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         quick_out = Path(tempfile.gettempdir()) / "pyro_mixflow-density-quick"
         args.out = quick_out if args.quick else Path(__file__).parent / "results"
+    if args.seed_report:
+        print(seed_report(args.seed_report, args.out))
+        return 0
     if args.report is not None:
         paths = args.report or sorted(args.out.glob("density-*.json"))
         runs, grids = load_results(paths)

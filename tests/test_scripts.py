@@ -33,3 +33,22 @@ def test_benchmark_runs_in_quick_mode(path, tmp_path):
     stdout = _run([str(path), "--quick", "--out", str(tmp_path)], tmp_path)
     assert "|" in stdout  # a markdown table
     assert list(tmp_path.glob("*.png")), "no figure written"
+
+
+def test_density_seed_report_summarizes_seeds(tmp_path):
+    """Two quick runs with different seeds; the summary's mean is the mean of their KLs."""
+    import json
+
+    script = str(ROOT / "benchmarks" / "density.py")
+    kls = []
+    for seed in (0, 1):
+        out = tmp_path / str(seed)
+        args = ["--quick", "--datasets", "8gaussians", "--models", "gmm", "--no-report"]
+        _run([script, *args, "--seed", str(seed), "--out", str(out)], tmp_path)
+        (path,) = out.glob("density-*.json")
+        kls.append(json.loads(path.read_text())["records"][0]["kl"])
+    paths = [str(p) for p in sorted(tmp_path.glob("*/density-*.json"))]
+    _run([script, "--seed-report", *paths, "--out", str(tmp_path)], tmp_path)
+    text = (tmp_path / "density-seeds.md").read_text()
+    assert f"| GMM diag, EM + Adam (ours) | {sum(kls) / 2:.3f} ± " in text
+    assert f"8gaussians, GMM diag, EM + Adam (ours): 0: {kls[0]:.3f}, 1: {kls[1]:.3f}" in text
