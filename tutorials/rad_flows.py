@@ -49,7 +49,8 @@ torch.set_flush_denormal(True)
 # %% [markdown]
 # ## Model: a checkerboard, and a RAD flow with its defaults
 # The checkerboard's density jumps at every edge of its squares; its exact `log_prob` lets us
-# measure the KL divergence of the fit.
+# measure the KL divergence of the fit. By default `RAD` stacks 4 layers; the middle two fold
+# (2 pieces each) and the first and last are plain spline couplings (`model.num_pieces`).
 
 # %%
 target = datasets.load("checkerboard")
@@ -58,7 +59,7 @@ test = target.sample(num_train, generator=torch.Generator().manual_seed(1))
 split = num_train - num_train // 10
 kwargs = {"num_layers": 2, "num_pieces": 4, "hidden_dims": (16, 16)} if smoke_test else {}
 model = RAD(2, **kwargs).init_from_data(data[:split])  # standardization of the data
-print(model.layers[0])
+print(model.num_pieces, model.layers[1])
 
 # %% [markdown]
 # ## Fit: maximum likelihood with `pyro_mixflow.fit`
@@ -100,20 +101,21 @@ yy, xx = torch.meshgrid(ys, xs, indexing="ij")
 grid = torch.stack([xx.flatten(), yy.flatten()], -1)
 with torch.no_grad():
     log_q = flow.log_prob(grid).reshape(size, size)
-    pieces = [p.squeeze(-1) for p in flow.piece_indices(grid)]
+    pieces = [p.squeeze(-1) for p in flow.piece_indices(grid)]  # data side first
 _, region = torch.unique(torch.stack(pieces, -1), dim=0, return_inverse=True)
 colours = np.random.default_rng(0).random((int(region.max()) + 1, 3))
 extent = (xmin, xmax, ymin, ymax)
 
-fig, axes = plt.subplots(1, 3 + len(pieces), figsize=(3 * (3 + len(pieces)), 3))
+folding = [i for i, k in enumerate(reversed(model.num_pieces)) if k > 1]  # data side first
+fig, axes = plt.subplots(1, 3 + len(folding), figsize=(3 * (3 + len(folding)), 3))
 top = log_q.max().item()
 axes[0].imshow(log_q, origin="lower", extent=extent, vmin=top - 4, vmax=top)
 axes[0].set_title(f"log q (KL {kl.mean():.3f})")
 axes[1].scatter(*samples.T, s=1, alpha=0.3)
 axes[1].set(xlim=(xmin, xmax), ylim=(ymin, ymax), title="samples")
-for i, p in enumerate(pieces):
-    axes[2 + i].imshow(p.reshape(size, size), origin="lower", extent=extent, cmap="tab10")
-    axes[2 + i].set_title(f"layer {i + 1}: piece")
+for ax, i in zip(axes[2:], folding, strict=False):  # layers that fold
+    ax.imshow(pieces[i].reshape(size, size), origin="lower", extent=extent, cmap="tab10")
+    ax.set_title(f"layer {i + 1} from the data side: piece")
 axes[-1].imshow(colours[region.reshape(size, size)], origin="lower", extent=extent)
 axes[-1].set_title(f"{len(colours)} regions")
 fig.tight_layout()
