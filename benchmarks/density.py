@@ -654,12 +654,18 @@ def load_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[str,
     return runs, grids
 
 
-def seed_report(paths: Sequence[Path], out: Path) -> str:
+def seed_report(
+    paths: Sequence[Path],
+    out: Path,
+    names: Sequence[str] = DATASETS,
+    models: Sequence[str] = tuple(MODELS),
+) -> str:
     """Writes ``density-seeds.md``: each model's KL over runs with different seeds.
 
     A seed draws other training and test data and another initialization, so the spread
     over seeds is what a user fitting one model to one sample sees. Runs must share a budget;
-    per (dataset, model, seed) the run started later wins.
+    per (dataset, model, seed) the run started later wins. Only ``names`` and ``models`` are
+    reported.
     """
     runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["started"])
     if not runs:
@@ -669,7 +675,7 @@ def seed_report(paths: Sequence[Path], out: Path) -> str:
     kl: dict[tuple[str, str], dict[int, float]] = {}
     for run_ in runs:
         for r in run_["records"]:
-            if r["kl"] is not None:
+            if r["kl"] is not None and r["dataset"] in names and r["model"] in models:
                 kl.setdefault((r["dataset"], r["model"]), {})[run_["seed"]] = r["kl"]
     names = [d for d in DATASETS if any(key[0] == d for key in kl)]
     models = [m for m in MODELS if any(key[1] == m for key in kl)]
@@ -691,8 +697,8 @@ def seed_report(paths: Sequence[Path], out: Path) -> str:
                 cells.append("—")
                 continue
             v = np.array([values[k] for k in sorted(values)])
-            sd = v.std(ddof=1) if len(v) > 1 else float("nan")
-            cells.append(f"{v.mean():.3f} ± {sd:.3f} [{v.min():.3f}–{v.max():.3f}] ({len(v)})")
+            sd = f"{v.std(ddof=1):.3f}" if len(v) > 1 else "—"
+            cells.append(f"{v.mean():.3f} ± {sd} [{v.min():.3f}–{v.max():.3f}] ({len(v)})")
             seeds = ", ".join(f"{k}: {values[k]:.3f}" for k in sorted(values))
             per_seed.append(f"- {name}, {MODELS[model]}: {seeds}")
         lines.append(f"| {MODELS[model]} | " + " | ".join(cells) + " |")
@@ -1038,14 +1044,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         metavar="JSON",
         help="summarize runs with different seeds into density-seeds.md in --out (mean, "
-        "spread and each seed's KL), without running anything",
+        "spread and each seed's KL of --models on --datasets), without running anything",
     )
     args = parser.parse_args(argv)
     if args.out is None:
         quick_out = Path(tempfile.gettempdir()) / "pyro_mixflow-density-quick"
         args.out = quick_out if args.quick else Path(__file__).parent / "results"
     if args.seed_report:
-        print(seed_report(args.seed_report, args.out))
+        print(seed_report(args.seed_report, args.out, args.datasets, args.models))
         return 0
     if args.report is not None:
         paths = args.report or sorted(args.out.glob("density-*.json"))
