@@ -38,9 +38,10 @@ class RAD(nn.Module):
     last layer do not fold (one piece: a spline coupling) when there are three layers or
     more: the folds then act on data that one coupling has already straightened and leave a
     coupling after them to shape the result. With 4 layers, folding in the middle two only
-    gave KL 0.052 to 0.085 on the checkerboard over four seeds (mean 0.071; every layer
-    folding: 0.079 to 0.121) and 0.064 to 0.068 on the Euler image (every layer: 0.075 to
-    0.090).
+    gave KL 0.019 to 0.024 on the rings over five seeds (every layer folding, over two or
+    three initializations: 0.051 to 0.058), 0.064 to 0.068 on the Euler image (0.075 to 0.090)
+    and about the same on the checkerboard (0.078 to 0.113 against 0.079 to 0.121); see
+    ``benchmarks/results/density-seeds.md``.
 
     Args:
         input_dim: Dimension :math:`D` of the data.
