@@ -631,8 +631,13 @@ def _cpu_name() -> str:
 # Report
 
 
-def load_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Reads JSON results and their grids; checks that all runs share one budget and seed."""
+def load_results(
+    paths: Sequence[Path], *, one_seed: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Reads JSON results (oldest first) and their grids; checks budgets and seeds.
+
+    All runs must share one budget and, with ``one_seed``, one seed.
+    """
     runs, grids = [], {}
     for path in sorted(paths, key=lambda p: json.loads(p.read_text())["started"]):
         run_ = json.loads(path.read_text())
@@ -646,7 +651,7 @@ def load_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[str,
         raise SystemExit("no density-*.json results to report")
     first = runs[0]
     for run_ in runs[1:]:
-        if run_["budget"] != first["budget"] or run_["seed"] != first["seed"]:
+        if run_["budget"] != first["budget"] or (one_seed and run_["seed"] != first["seed"]):
             raise SystemExit(
                 f"{run_['file']} and {first['file']} have different budgets or seeds; "
                 "report them separately (move one out of the folder or name the files)"
@@ -667,11 +672,7 @@ def seed_report(
     per (dataset, model, seed) the run started later wins. Only ``names`` and ``models`` are
     reported.
     """
-    runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["started"])
-    if not runs:
-        raise SystemExit("no density-*.json results to report")
-    if any(r["budget"] != runs[0]["budget"] for r in runs):
-        raise SystemExit("refusing to combine runs with different budgets")
+    runs, _ = load_results(paths, one_seed=False)
     kl: dict[tuple[str, str], dict[int, float]] = {}
     for run_ in runs:
         for r in run_["records"]:
