@@ -58,10 +58,16 @@ test set and the grid is not timed.
   mixture; the paper's classifier is three layers of 128, three times slower per step here),
   ``init_from_data`` (EM; the untrained model is the EM mixture), then ``fit``.
 * ``rad`` (ours): ``pyro_mixflow.nn.RAD(2)`` with its defaults (4 RAD couplings: the middle
-  two fold with 2 pieces on 3 standard deviations, the first and last do not fold; networks 64
-  wide, splines of 8 bins with learned end slopes before and after each fold, started so that
-  the untrained model is close to a standard normal), ``init_from_data`` (standardization),
-  then ``fit``.
+  two fold with 2 pieces on 3 standard deviations, the first and last do not fold; networks 96
+  wide, 77,968 parameters against ``nflows-nsf``'s 73,052; splines of 8 bins with learned end
+  slopes before and after each fold, started so that the untrained model is close to a
+  standard normal), ``init_from_data`` (standardization), then ``fit``.
+* RAD ablations (run only when named in ``--models``): ``rad-64``, networks 64 wide (39,760
+  parameters), and that stack with one more setting changed: ``rad-nofold``, no layer folds
+  (4 two-spline couplings, no gating); ``rad-allfold``, every layer folds
+  (``fold_ends=True``); ``rad-6``, 6 layers, the middle two folding
+  (``num_pieces=(1, 1, 2, 2, 1, 1)``); ``rad-bound4``, folds and splines on 4 standard
+  deviations instead of 3. Results over seeds: ``benchmarks/results/ablation/``.
 
 The three peer flows see standardized data, :math:`z = (x - m) / s` with the training rows'
 mean and standard deviation, and their log-density is mapped back,
@@ -89,6 +95,7 @@ Usage::
     python benchmarks/density.py --report A.json B.json --out DIR   # combine chosen runs
     python benchmarks/density.py --models rad nflows-nsf --seed 1 --out DIR/1 --no-report
     python benchmarks/density.py --seed-report DIR/*/density-*.json  # spread over seeds
+    python benchmarks/density.py --models rad-64 rad-nofold --seed 1 --out DIR/1 --no-report
 
 ``--report`` refuses runs with different budgets or seeds; where two runs hold the same
 (dataset, model) pair, the one started later wins.
@@ -97,6 +104,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -136,7 +144,23 @@ MODELS = {
     "gmm": "GMM diag, EM + Adam (ours)",
     "cwm": "CWM, EM + Adam (ours)",
     "rad": "RAD flow (ours)",
+    "rad-64": "RAD, networks 64 wide",
+    "rad-nofold": "RAD 64, no fold",
+    "rad-allfold": "RAD 64, every layer folds",
+    "rad-6": "RAD 64, 6 layers",
+    "rad-bound4": "RAD 64, bound 4",
 }
+# ``nn.RAD`` arguments of the RAD ablations, on top of ``build_rad``'s: the 64-wide stack (the
+# default before 0.1's release) and changes of it.
+_RAD_64 = {"hidden_dims": (64, 64)}
+RAD_VARIANTS: dict[str, dict[str, Any]] = {
+    "rad-64": _RAD_64,
+    "rad-nofold": {**_RAD_64, "num_pieces": 1},
+    "rad-allfold": {**_RAD_64, "fold_ends": True},
+    "rad-6": {**_RAD_64, "num_layers": 6, "num_pieces": (1, 1, 2, 2, 1, 1)},
+    "rad-bound4": {**_RAD_64, "bound": 4.0},
+}
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in RAD_VARIANTS)
 LOG_DENSITY_RANGE = 4.0  # nats of log-density the figure shows below the maximum
 
 
@@ -395,11 +419,17 @@ def build_cwm(task: Task) -> Trained:
     return _fit_ours(CWM(2, b.num_components, hidden_dims=(b.hidden, b.hidden)), task)
 
 
-def build_rad(task: Task) -> Trained:
+def build_rad(task: Task, **overrides: Any) -> Trained:
     b = task.budget
     torch.manual_seed(task.seed)
-    model = RAD(2, num_layers=b.spline_layers, hidden_dims=(b.hidden, b.hidden))
-    return _fit_ours(model, task)
+    width = _rad_width(b)
+    kwargs = {"num_layers": b.spline_layers, "hidden_dims": (width, width), **overrides}
+    return _fit_ours(RAD(2, **kwargs), task)
+
+
+def _rad_width(b: Budget) -> int:
+    """RAD's network width: 96 at the full budget (``nn.RAD``'s default; NSF's parameters)."""
+    return 3 * b.hidden // 2
 
 
 BUILDERS: dict[str, Callable[[Task], Trained]] = {
@@ -412,6 +442,7 @@ BUILDERS: dict[str, Callable[[Task], Trained]] = {
     "gmm": build_gmm,
     "cwm": build_cwm,
     "rad": build_rad,
+    **{name: functools.partial(build_rad, **kwargs) for name, kwargs in RAD_VARIANTS.items()},
 }
 
 
@@ -765,8 +796,8 @@ def _markdown(
         f"Mode: {mode}. Budget: {b.num_train:,} training draws ({b.num_validation:,} of them "
         f"held out for validation), {b.num_test:,} test draws, {b.steps:,} Adam steps of "
         f"batch {b.batch_size}, lr {b.lr:g} cosine, seed {first['seed']}; mixtures of "
-        f"{b.num_components} components, flow networks {b.hidden} wide. Total runtime "
-        f"{wall:.0f} s wall clock ({processes}).",
+        f"{b.num_components} components, flow networks {b.hidden} wide (RAD's {_rad_width(b)}). "
+        f"Total runtime {wall:.0f} s wall clock ({processes}).",
         "",
         "KL(truth ‖ model) = E_truth[log p − log q] over the test draws, in nats, ± standard "
         "error; lower is better, 0 is perfect; best per dataset in bold (and any within two "
@@ -1023,7 +1054,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "that a smoke test never overwrites the benchmark's results)",
     )
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(DEFAULT_MODELS),
+        help="models to run (default: all but the RAD ablations, " + ", ".join(RAD_VARIANTS) + ")",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch and BLAS threads (1: batches are small)"
     )
@@ -1064,7 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(threads)
     names = [d for d in DATASETS if d in args.datasets]
     models = [m for m in MODELS if m in args.models]
-    tag = "+".join(names) + ("" if models == list(MODELS) else "-" + "+".join(models))
+    tag = "+".join(names) + ("" if models == list(DEFAULT_MODELS) else "-" + "+".join(models))
     if args.quick:
         tag = "quick-" + tag
     meta = {

@@ -52,3 +52,17 @@ def test_density_seed_report_summarizes_seeds(tmp_path):
     text = (tmp_path / "density-seeds.md").read_text()
     assert f"| GMM diag, EM + Adam (ours) | {sum(kls) / 2:.3f} ± " in text
     assert f"8gaussians, GMM diag, EM + Adam (ours): 0: {kls[0]:.3f}, 1: {kls[1]:.3f}" in text
+
+
+def test_density_rad_ablation_changes_the_model(tmp_path):
+    """A RAD ablation runs only when named, and builds the RAD it names (no fold: no gates)."""
+    import json
+
+    script = str(ROOT / "benchmarks" / "density.py")
+    args = ["--quick", "--datasets", "8gaussians", "--models", "rad", "rad-nofold"]
+    _run([script, *args, "--no-report", "--out", str(tmp_path)], tmp_path)
+    (path,) = tmp_path.glob("density-*.json")
+    records = {r["model"]: r for r in json.loads(path.read_text())["records"]}
+    assert set(records) == {"rad", "rad-nofold"}
+    assert all(r["kl"] is not None and not r["error"] for r in records.values())
+    assert records["rad-nofold"]["num_params"] < records["rad"]["num_params"]
