@@ -150,8 +150,8 @@ MODELS = {
     "rad-6": "RAD 64, 6 layers",
     "rad-bound4": "RAD 64, bound 4",
 }
-# ``nn.RAD`` arguments of the RAD ablations, on top of ``build_rad``'s: the 64-wide stack (the
-# default before 0.1's release) and changes of it.
+# ``nn.RAD`` arguments of the RAD ablations, on top of ``build_rad``'s: the 64-wide stack (an
+# earlier default) and changes of it.
 _RAD_64 = {"hidden_dims": (64, 64)}
 RAD_VARIANTS: dict[str, dict[str, Any]] = {
     "rad-64": _RAD_64,

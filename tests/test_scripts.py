@@ -55,14 +55,16 @@ def test_density_seed_report_summarizes_seeds(tmp_path):
 
 
 def test_density_rad_ablation_changes_the_model(tmp_path):
-    """A RAD ablation runs only when named, and builds the RAD it names (no fold: no gates)."""
+    """Each RAD ablation builds the RAD it names: 64 wide, and without folds no gates."""
     import json
 
     script = str(ROOT / "benchmarks" / "density.py")
-    args = ["--quick", "--datasets", "8gaussians", "--models", "rad", "rad-nofold"]
+    args = ["--quick", "--datasets", "8gaussians", "--models", "rad", "rad-64", "rad-nofold"]
     _run([script, *args, "--no-report", "--out", str(tmp_path)], tmp_path)
     (path,) = tmp_path.glob("density-*.json")
     records = {r["model"]: r for r in json.loads(path.read_text())["records"]}
-    assert set(records) == {"rad", "rad-nofold"}
+    assert set(records) == {"rad", "rad-64", "rad-nofold"}
     assert all(r["kl"] is not None and not r["error"] for r in records.values())
-    assert records["rad-nofold"]["num_params"] < records["rad"]["num_params"]
+    params = {name: r["num_params"] for name, r in records.items()}
+    assert params["rad"] < params["rad-64"]  # the quick budget's RAD is 24 wide
+    assert params["rad-nofold"] < params["rad-64"]
