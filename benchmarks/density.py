@@ -428,7 +428,11 @@ def build_rad(task: Task, **overrides: Any) -> Trained:
 
 
 def _rad_width(b: Budget) -> int:
-    """RAD's network width: 96 at the full budget (``nn.RAD``'s default; NSF's parameters)."""
+    """RAD's network width: 96 at the full budget (``nn.RAD``'s default; NSF's parameters).
+
+    Derived from ``b.hidden`` rather than a field of :class:`Budget`, so that runs saved before
+    it keep the same budget and still combine with newer ones in the reports.
+    """
     return 3 * b.hidden // 2
 
 
