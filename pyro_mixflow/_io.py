@@ -50,6 +50,9 @@ class ModelKind:
         hidden_dims: The constructor argument that ``--hidden-dims`` sets (``None``: none).
         em_init: Whether ``init_from_data`` fits ``components`` mixture components by EM
             (which needs at least as many training rows).
+        added_kwargs: Constructor arguments added after model files were first written, with
+            the value that reproduces the older architecture: a file that lacks one is read
+            with that value, not with today's default.
     """
 
     class_name: str
@@ -57,6 +60,7 @@ class ModelKind:
     components: str | None = "num_components"
     hidden_dims: str | None = None
     em_init: bool = True
+    added_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def resolve(self) -> type[nn.Module]:
         """Returns the model class (imports :mod:`pyro_mixflow.nn` on first use)."""
@@ -81,6 +85,7 @@ MODELS: dict[str, ModelKind] = {
         components="num_pieces",
         hidden_dims="hidden_dims",
         em_init=False,
+        added_kwargs=(("network", "mlp"),),  # files from before `network`: plain MLPs
     ),
 }
 
@@ -260,6 +265,7 @@ def load_model(path: str | Path) -> LoadedModel:
         raise ValueError(f"MODEL {path} is damaged: no configuration or no parameters")
     try:
         with torch.random.fork_rng():  # constructors draw initial values: keep the caller's RNG
+            kwargs = {**dict(MODELS[name].added_kwargs), **kwargs}
             model = MODELS[name].resolve()(**kwargs)
         model.load_state_dict(state_dict)
     except (TypeError, ValueError, RuntimeError, KeyError) as error:

@@ -147,6 +147,8 @@ def _rad(params):
     The folds span [-10, 10], far out in the base's tails, so that the density's jumps where
     pieces meet (at u = ±10) are negligible and the generic trapezoid check (tolerance 1e-6)
     applies; tests/test_rad_flow.py integrates sharp RAD densities with derived error bounds.
+    Plain MLPs: random residual networks (one more layer, skip connections) make a density
+    too rough for that grid; tests/test_rad_flow.py covers them.
     """
     loc = params["loc"]
     dim = loc.shape[-1]
@@ -154,7 +156,13 @@ def _rad(params):
         torch.manual_seed(7)
         layers = [
             RADCoupling(
-                dim, num_pieces=3, hidden_dims=(8,), bound=10.0, parity=i % 2, elementwise="affine"
+                dim,
+                num_pieces=3,
+                hidden_dims=(8,),
+                network="mlp",
+                bound=10.0,
+                parity=i % 2,
+                elementwise="affine",
             )
             for i in range(2)
         ]

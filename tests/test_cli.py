@@ -18,6 +18,7 @@ import pyro_mixflow
 from pyro_mixflow import _io
 from pyro_mixflow._io import MODELS, build_model, load_model, save_model
 from pyro_mixflow.cli import main
+from pyro_mixflow.nn import RAD
 
 # Tiny, fast models: a few Adam steps, two components, narrow networks, one thread.
 FAST = ["--steps", "3", "--components", "2", "--threads", "1", "--no-progress"]
@@ -134,6 +135,23 @@ def test_saved_models_reload_bit_identical(tmp_path):
             assert torch.equal(loaded.model().log_prob(x), model().log_prob(x)), name
         # Every plain constructor argument is recorded, the defaults included.
         assert kwargs["input_dim"] == 2 and len(kwargs) >= 3
+
+
+def test_model_file_from_before_an_added_argument_keeps_its_architecture(tmp_path):
+    """A RAD file written before ``network`` existed (plain MLPs) reloads as plain MLPs, not
+    with today's residual default; the same file with today's default would not fit."""
+    torch.manual_seed(0)
+    model, kwargs = build_model("rad", 2, num_pieces=2, hidden_dims=(8, 8), network="mlp")
+    del kwargs["network"]  # what such a file holds
+    save_model(tmp_path / "old.pt", model, "rad", kwargs)
+    loaded = load_model(tmp_path / "old.pt")
+    assert loaded.kwargs["network"] == "mlp"
+    x = torch.randn(20, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded.model().log_prob(x), model().log_prob(x))
+    today = RAD(**kwargs)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        today.load_state_dict(model.state_dict())
 
 
 def test_model_file_is_plain_and_safe_to_load(tmp_path):

@@ -406,3 +406,5 @@ def test_rad_flow_guide_needs_two_coordinates():
 
     with pytest.raises(ValueError, match="at least 2 unconstrained latent coordinates"):
         AutoRADFlow(model)()
+    with pytest.raises(ValueError, match="`network` must be one of"):
+        AutoRADFlow(model, network="resnet")

@@ -48,7 +48,7 @@ def _trained(dim: int, elementwise: str) -> RAD:
     return model
 
 
-def _integral_1d(flow, lo=-40.0, hi=40.0, n=400001):
+def _integral_1d(flow, lo=-40.0, hi=40.0, n=800001):
     """Trapezoid integral and its error bound h * TV (trapezoid error <= h * TV / 2 per cell
     sum, for a function of bounded variation; TV estimated on the grid, twice for margin)."""
     grid = torch.linspace(lo, hi, n, dtype=torch.float64)
@@ -87,14 +87,20 @@ def test_density_integrates_to_one_1d(elementwise, state):
 
 
 @pytest.mark.parametrize(
-    ("elementwise", "state"),
-    [("spline", "init"), ("spline", "random"), ("affine", "random"), ("spline", "trained")],
+    ("elementwise", "state", "network"),
+    [
+        ("spline", "init", "residual"),
+        ("spline", "random", "residual"),
+        ("spline", "random", "mlp"),
+        ("affine", "random", "residual"),
+        ("spline", "trained", "residual"),
+    ],
 )
-def test_density_integrates_to_one_2d(elementwise, state):
+def test_density_integrates_to_one_2d(elementwise, state, network):
     if state == "trained":
         model = _trained(2, elementwise)
     else:
-        model = _model(2, elementwise)
+        model = _model(2, elementwise, network=network)
         if state == "random":
             _randomize(model, std=0.15)
     torch.manual_seed(0)
@@ -310,6 +316,24 @@ def test_fit_improves_and_state_dict_round_trip():
     torch.testing.assert_close(loaded().log_prob(data[:10]), model().log_prob(data[:10]))
 
 
+def test_networks_are_residual_or_plain():
+    """``(w,) * n`` is n residual blocks (two layers each) with ``"residual"``, n layers with
+    ``"mlp"``; the residual branch is used (changing a block changes the density)."""
+    residual = RAD(2, num_layers=1, num_pieces=2, hidden_dims=(8, 8))
+    plain = RAD(2, num_layers=1, num_pieces=2, hidden_dims=(8, 8), network="mlp")
+    linears = [
+        sum(isinstance(m, torch.nn.Linear) for m in net.modules())
+        for net in (residual.layers[0].conditioner, plain.layers[0].conditioner)
+    ]
+    assert linears == [2 + 2 * 2, 3]
+    _randomize(residual, std=0.3)
+    x = torch.randn(50, 2)
+    before = residual().log_prob(x)
+    with torch.no_grad():
+        residual.layers[0].conditioner.net[1].branch[-1].weight.add_(0.5)
+    assert (residual().log_prob(x) - before).abs().max() > 1e-3
+
+
 def test_mixes_with_bijective_transforms_and_batched_base():
     layer = _randomize(RADCoupling(2, num_pieces=3, hidden_dims=(8,))).double()
     base = torch.distributions.Independent(
@@ -339,6 +363,11 @@ def test_invalid_arguments():
         RADCoupling(2, elementwise="cubic")
     with pytest.raises(ValueError, match=r"`min_width` must be in \[0, 1\)"):
         RADCoupling(2, min_width=1.0)
+    with pytest.raises(ValueError, match="`network` must be one of"):
+        RADCoupling(2, network="resnet")
+    with pytest.raises(ValueError, match=r"must be equal sizes with network='residual'"):
+        RAD(2, hidden_dims=(32, 16))
+    RAD(2, hidden_dims=(32, 16), network="mlp")  # any widths for a plain MLP
     layer = RADCoupling(2, num_pieces=3, hidden_dims=(4,))
     with pytest.raises(ValueError, match=r"`x` must have shape \(\.\.\., 2\), got \(5, 3\)"):
         layer(torch.zeros(5, 3))

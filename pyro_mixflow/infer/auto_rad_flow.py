@@ -16,7 +16,7 @@ from torch.distributions import AffineTransform
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.rad_flow import RADFlow
 from pyro_mixflow.infer._auto_mixture import _prior_draws, _QuantilesFromDraws
-from pyro_mixflow.transforms.rad import RADCoupling
+from pyro_mixflow.transforms.rad import NETWORKS, RADCoupling
 
 __all__ = ["AutoRADFlow"]
 
@@ -51,6 +51,8 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
         num_pieces: Pieces of each fold.
         num_layers: Number of RAD layers :math:`L`.
         hidden_dims: Hidden widths of each layer's networks.
+        network: ``"mlp"`` or ``"residual"`` (see :class:`~pyro_mixflow.transforms.RADCoupling`;
+            the guide was measured with ``"mlp"``, its default here).
         bound: Half-width of the folded interval (in units of :math:`s`).
         init_loc_fn: Per-site initialization of :math:`m`.
         quantile_samples: Draws used for :meth:`median` and :meth:`quantiles` (Monte Carlo).
@@ -77,6 +79,7 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
         num_layers: int = 2,
         hidden_dims: Sequence[int] = (32, 32),
         *,
+        network: str = "mlp",
         bound: float = 3.0,
         init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
         quantile_samples: int = 10000,
@@ -84,9 +87,12 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
         check_positive_int("num_pieces", num_pieces)
         check_positive_int("num_layers", num_layers)
         check_positive_int("quantile_samples", quantile_samples)
+        if network not in NETWORKS:
+            raise ValueError(f"`network` must be one of {NETWORKS}, got {network!r}")
         self._layer_options = {
             "num_pieces": num_pieces,
             "hidden_dims": tuple(hidden_dims),
+            "network": network,
             "bound": float(bound),
         }
         self.num_pieces, self.num_layers = num_pieces, num_layers

@@ -37,17 +37,19 @@ class RAD(nn.Module):
     against 0.08 with 2; on the rings 0.7 to 0.9 against 0.05). By default the first and the
     last layer do not fold (one piece: a spline coupling) when there are three layers or
     more: the folds then act on data that one coupling has already straightened and leave a
-    coupling after them to shape the result. The networks are 96 wide (77,968 parameters,
-    about the benchmark's nflows spline flow, 73,052).
+    coupling after them to shape the result. The networks are residual (two blocks 48 wide,
+    as nflows' ``ResidualNet``; 67,600 parameters, against the benchmark's nflows spline
+    flow's 73,052).
 
     Over five seeds of the benchmark (``benchmarks/results/density-seeds.md``) the default
-    gets KL 0.075 ± 0.014 on the checkerboard, 0.021 ± 0.001 on the rings and 0.066 ± 0.003
-    on the Euler image (nflows' spline flow: 0.074, 0.169 and 0.062). Networks 64 wide
-    (39,760 parameters) gave 0.091 ± 0.014 on the checkerboard and the same on the other two.
-    Ablations of that 64-wide stack over three seeds (``benchmarks/results/ablation/``):
+    gets KL 0.056 ± 0.007 on the checkerboard, 0.020 ± 0.004 on the rings and 0.066 ± 0.002
+    on the Euler image (nflows' spline flow: 0.074, 0.169 and 0.062). Plain MLPs of two
+    layers 96 wide (77,968 parameters, the earlier default) gave 0.075 ± 0.014 on the
+    checkerboard and the same on the other two; 64 wide, 0.091 ± 0.014 on the checkerboard.
+    Ablations of the 64-wide MLP stack over three seeds (``benchmarks/results/ablation/``):
     without folds the rings' KL is 0.07 instead of 0.02 while the image's is unchanged, so
     the image's gap to the spline flow is the couplings', not the folds'. Six layers (the
-    middle two folding) matched the 96-wide default on the checkerboard (0.075) but not on the
+    middle two folding) matched the 96-wide MLPs on the checkerboard (0.075) but not on the
     rings (0.023 to 0.093); folding in every layer, or folds on 4 standard deviations, were
     worse on all three.
 
@@ -58,7 +60,9 @@ class RAD(nn.Module):
             fold).
         fold_ends: With one ``num_pieces`` for all layers, fold in the first and the last
             layer too (by default they do not fold when ``num_layers >= 3``).
-        hidden_dims: Hidden widths of each layer's networks.
+        hidden_dims: Hidden widths of each layer's networks (equal, with ``"residual"``:
+            ``(w,) * n`` is ``n`` residual blocks of width ``w``).
+        network: ``"residual"`` or ``"mlp"`` (see :class:`~pyro_mixflow.transforms.RADCoupling`).
         bound: Half-width of the folded interval, in standard deviations of the data.
         elementwise: Each layer's elementwise map, ``"spline"``, ``"affine"`` or ``"none"``.
         num_bins: Bins of the elementwise splines.
@@ -82,7 +86,8 @@ class RAD(nn.Module):
         num_layers: int = 4,
         num_pieces: int | Sequence[int] = 2,
         fold_ends: bool = False,
-        hidden_dims: Sequence[int] = (96, 96),
+        hidden_dims: Sequence[int] = (48, 48),
+        network: str = "residual",
         bound: float = 3.0,
         elementwise: str = "spline",
         num_bins: int = 8,
@@ -97,6 +102,7 @@ class RAD(nn.Module):
                 input_dim,
                 num_pieces=self.num_pieces[i],
                 hidden_dims=hidden_dims,
+                network=network,
                 bound=bound,
                 parity=i % 2,
                 elementwise=elementwise,

@@ -11,12 +11,13 @@ from torch.distributions import Categorical
 from torch.nn import functional as F
 
 from pyro_mixflow._checks import check_positive_int
-from pyro_mixflow._mlp import mlp
+from pyro_mixflow._mlp import mlp, residual_mlp
 from pyro_mixflow.transforms._spline import rational_quadratic
 
 __all__ = ["RADCoupling"]
 
 _ELEMENTWISE = ("spline", "affine", "none")
+NETWORKS = ("residual", "mlp")
 _MIN_DERIVATIVE = 1e-3
 _MAX_LOG_END_DERIVATIVE = 6.0  # end slopes up to e^6 (inverse stays accurate to ~1e-8)
 # Output scales of the two networks (a per-network step size under Adam). The widths and
@@ -108,7 +109,11 @@ class RADCoupling(nn.Module):
         num_pieces: Number :math:`K` of pieces of the fold (1: no fold; the layer is then a
             spline coupling, with no gating network).
         hidden_dims: Hidden widths of the two networks (widths and elementwise map from
-            :math:`x_a`; gating from :math:`(x_a, u, c_k, k)`).
+            :math:`x_a`; gating from :math:`(x_a, u, c_k, k)`). With ``network="residual"``
+            they must be equal: ``(w,) * n`` is ``n`` residual blocks of width ``w``.
+        network: ``"residual"`` (a linear layer to the width, residual blocks
+            :math:`h \mapsto h + W_2\,a(W_1\,a(h))`, the output layer; nflows'
+            ``ResidualNet`` design) or ``"mlp"`` (plain layers). SiLU activations.
         bound: Half-width :math:`B` of the folded interval.
         parity: Which coordinates are folded (``i % 2 == parity``); alternate it in a stack.
         elementwise: ``"spline"``, ``"affine"`` or ``"none"``.
@@ -139,6 +144,7 @@ class RADCoupling(nn.Module):
         *,
         num_pieces: int = 2,
         hidden_dims: Sequence[int] = (64, 64),
+        network: str = "residual",
         bound: float = 3.0,
         parity: int = 0,
         elementwise: str = "spline",
@@ -153,6 +159,12 @@ class RADCoupling(nn.Module):
         hidden_dims = tuple(hidden_dims)
         for width in hidden_dims:
             check_positive_int("hidden_dims[i]", width)
+        if network not in NETWORKS:
+            raise ValueError(f"`network` must be one of {NETWORKS}, got {network!r}")
+        if network == "residual" and len(set(hidden_dims)) != 1:
+            raise ValueError(
+                f"`hidden_dims` must be equal sizes with network='residual', got {hidden_dims}"
+            )
         if isinstance(bound, bool) or not isinstance(bound, int | float) or not bound > 0:
             raise ValueError(f"`bound` must be a positive number, got {bound!r}")
         if parity not in (0, 1):
@@ -163,7 +175,7 @@ class RADCoupling(nn.Module):
             raise ValueError(f"`min_width` must be in [0, 1), got {min_width!r}")
         self.input_dim, self.num_pieces, self.bound = input_dim, num_pieces, float(bound)
         self.elementwise, self.num_bins, self.min_width = elementwise, num_bins, min_width
-        self.continuous = bool(continuous)
+        self.continuous, self.network = bool(continuous), network
         folded = [i for i in range(input_dim) if i % 2 == parity or input_dim == 1]
         kept = [i for i in range(input_dim) if i not in folded]
         self.register_buffer("folded", torch.tensor(folded, dtype=torch.long), persistent=False)
@@ -172,7 +184,7 @@ class RADCoupling(nn.Module):
         per_coordinate = {"spline": 2 * (3 * num_bins + 1), "affine": 2, "none": 0}[elementwise]
         self._map_size = per_coordinate
         self.conditioner = _Conditioner(
-            d_a, d_b * (num_pieces + per_coordinate), hidden_dims, scale=_CONDITIONER_SCALE
+            d_a, d_b * (num_pieces + per_coordinate), hidden_dims, network, _CONDITIONER_SCALE
         )
         if elementwise == "spline":
             bias = self.conditioner.last_bias().view(d_b, num_pieces + per_coordinate)
@@ -182,7 +194,7 @@ class RADCoupling(nn.Module):
         self.gate = None  # with one piece the fold is the identity map and there is no choice
         if num_pieces > 1:
             gate_inputs = d_a + 2 * d_b + num_pieces
-            self.gate = _Conditioner(gate_inputs, d_b, hidden_dims, scale=_GATE_SCALE)
+            self.gate = _Conditioner(gate_inputs, d_b, hidden_dims, network, _GATE_SCALE)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Data to latent: the latent point and the layer's log-weight.
@@ -433,20 +445,30 @@ class RADCoupling(nn.Module):
 
 
 class _Conditioner(nn.Module):
-    """An MLP ``(..., in) -> (..., out)`` whose last layer starts at zero.
+    """A network ``(..., in) -> (..., out)`` whose last layer starts at zero, times ``scale``.
 
     With no input features it is a free vector.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, hidden_dims: tuple[int, ...], scale: float = 1.0
+        self,
+        in_features: int,
+        out_features: int,
+        hidden_dims: tuple[int, ...],
+        network: str,
+        scale: float,
     ):
         super().__init__()
         self.in_features, self.scale = in_features, scale
         if in_features == 0:
             self.bias = nn.Parameter(torch.zeros(out_features))
-            return
-        self.net = mlp((in_features, *hidden_dims, out_features), nn.SiLU, zero_last=True)
+        elif network == "residual":
+            width, blocks = hidden_dims[0], len(hidden_dims)
+            self.net = residual_mlp(
+                in_features, out_features, width, blocks, nn.SiLU, zero_last=True
+            )
+        else:
+            self.net = mlp((in_features, *hidden_dims, out_features), nn.SiLU, zero_last=True)
 
     def last_bias(self) -> torch.Tensor:
         return self.bias if self.in_features == 0 else self.net[-1].bias
