@@ -263,9 +263,9 @@ def load_model(path: str | Path) -> LoadedModel:
     state_dict = payload.get("state_dict")
     if not isinstance(kwargs, dict) or not isinstance(state_dict, dict):
         raise ValueError(f"MODEL {path} is damaged: no configuration or no parameters")
+    kwargs = {**dict(MODELS[name].added_kwargs), **kwargs}  # files from before an argument
     try:
         with torch.random.fork_rng():  # constructors draw initial values: keep the caller's RNG
-            kwargs = {**dict(MODELS[name].added_kwargs), **kwargs}
             model = MODELS[name].resolve()(**kwargs)
         model.load_state_dict(state_dict)
     except (TypeError, ValueError, RuntimeError, KeyError) as error:

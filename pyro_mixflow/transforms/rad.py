@@ -175,7 +175,7 @@ class RADCoupling(nn.Module):
             raise ValueError(f"`min_width` must be in [0, 1), got {min_width!r}")
         self.input_dim, self.num_pieces, self.bound = input_dim, num_pieces, float(bound)
         self.elementwise, self.num_bins, self.min_width = elementwise, num_bins, min_width
-        self.continuous, self.network = bool(continuous), network
+        self.continuous = bool(continuous)
         folded = [i for i in range(input_dim) if i % 2 == parity or input_dim == 1]
         kept = [i for i in range(input_dim) if i not in folded]
         self.register_buffer("folded", torch.tensor(folded, dtype=torch.long), persistent=False)
