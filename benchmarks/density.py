@@ -776,7 +776,8 @@ def _empty_squares(
 
     A grid sum, :math:`h^2 \sum_{\text{grid points where } p = 0} q`, with :math:`h` the grid
     spacing: the mass a model leaks across the edges of the squares (blurred or misplaced
-    edges), where the truth has none. The grid is the figure's (150 × 150 on [-4, 4]²).
+    edges), where the truth has none. The grid is the figure's (``Budget.grid`` points a side
+    over the dataset's bounds).
     """
     truth = grids.get("checkerboard/truth")
     if truth is None:
