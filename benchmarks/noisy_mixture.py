@@ -10,7 +10,7 @@ Two measurements, in one run:
    (round-robin, same process); ratio = loop time / ours.
 2. **Deconvolution accuracy.** Draws from a known 2-D latent mixture of 3 components are
    observed with heteroscedastic Gaussian errors :math:`s_{nd} \sim U[0.3, 1.2]` (larger than
-   the latent scales). ``pyro_mixflow.deconvolution.deconvolve`` (extreme-deconvolution EM) is
+   the latent scales). ``pyro_mixflow.fitting.deconvolve`` (extreme-deconvolution EM) is
    compared with the same EM ignoring the errors (``errors = 0``, a plain Gaussian-mixture EM).
    Components are matched to the truth by the assignment that minimizes the distance of the
    means. Metrics: mean absolute error of the means, the scales and the weights; held-out mean
@@ -43,7 +43,7 @@ from scipy.optimize import linear_sum_assignment
 
 import pyro_mixflow
 from pyro_mixflow import DiagNormalMixture
-from pyro_mixflow.deconvolution import deconvolve
+from pyro_mixflow.fitting import deconvolve
 from pyro_mixflow.distributions.noisy_mixture import (
     AdditiveNormal,
     IntegerShift,

@@ -1,6 +1,5 @@
 r"""Mixture-based distributions for Pyro and ``torch.distributions``: density models and guides."""
 
-from pyro_mixflow.deconvolution import deconvolve
 from pyro_mixflow.distributions import (
     ClassifierWeightedMixture,
     DiagNormalMixture,
@@ -9,7 +8,7 @@ from pyro_mixflow.distributions import (
     NoisyMixture,
     RADFlow,
 )
-from pyro_mixflow.training import History, fit
+from pyro_mixflow.fitting import History, deconvolve, fit
 
 __version__ = "0.1.0.dev0"
 

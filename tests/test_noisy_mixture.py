@@ -11,7 +11,7 @@ from pyro.distributions.testing.gof import auto_goodness_of_fit
 from scipy import integrate, stats
 
 from pyro_mixflow import DiagNormalMixture
-from pyro_mixflow.deconvolution import deconvolve
+from pyro_mixflow.fitting import deconvolve
 from pyro_mixflow.distributions.noisy_mixture import (
     AdditiveNormal,
     IntegerShift,

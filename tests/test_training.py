@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributions import Independent, Normal
 
 from pyro_mixflow import DiagNormalMixture
-from pyro_mixflow.training import History, fit
+from pyro_mixflow.fitting import History, fit
 
 matplotlib.use("Agg")
 

@@ -7,9 +7,10 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["HALF_LOG_2PI", "implicit_mixture_rsample", "logsumexp"]
+from pyro_mixflow.distributions._common import HALF_LOG_2PI, min_exponent
 
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+__all__ = ["implicit_mixture_rsample"]
+
 _SQRT_HALF = math.sqrt(0.5)
 
 # Largest number of (sample, component, dimension) elements held at once in the backward pass.
@@ -117,7 +118,7 @@ def _accumulate_block(z, g, mu, sigma, log_pi, grad_locs, grad_scales, grad_logi
     inv_sigma = sigma.reciprocal()  # [D, B, K]
     shift = -mu * inv_sigma  # [D, B, K]
     log_norm = -sigma.log() - HALF_LOG_2PI  # [D, B, K]
-    lowest = _min_exponent(z.dtype)
+    lowest = min_exponent(z.dtype)
     log_joint = log_pi.expand(z.shape[1:] + log_pi.shape[-1:]).clone()  # [N, B, K]
     w = log_joint.exp()  # conditional weights w^(d), normalized
     log_evidence = torch.zeros_like(z[0])  # log q(z_<d), [N, B]
@@ -147,42 +148,3 @@ def _accumulate_block(z, g, mu, sigma, log_pi, grad_locs, grad_scales, grad_logi
         lam = torch.linalg.vecdot(std, carry * inv_sigma[d]).add_(g[d]).mul_(inv_cond[d])
         carry.addcmul_(lam.unsqueeze(-1), cdf_grad[d])
     grad_logits -= carry.sum(0)
-
-
-def logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """``torch.logsumexp`` over the last dimension, without the slow path for far-off terms.
-
-    Terms more than ``-log(tiny)`` below the maximum are counted as ``tiny`` instead of their
-    true (subnormal or zero) value: a relative change below ``K * tiny`` of the sum, far under
-    the dtype's resolution. On x86 CPUs ``exp`` of such inputs is an order of magnitude slower
-    than of ordinary ones, and mixtures with separated components produce them for most terms.
-    The backward pass keeps only the input and the result (twice differentiable).
-    """
-    return _LogSumExp.apply(x)
-
-
-class _LogSumExp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        top = x.amax(-1, keepdim=True)
-        top = top.masked_fill(~torch.isfinite(top), 0.0)
-        out = _clamped_exp_(x - top).sum(-1).log_() + top.squeeze(-1)
-        ctx.save_for_backward(x, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, out = ctx.saved_tensors
-        if torch.is_grad_enabled():  # differentiating the backward itself: no in-place ops
-            weights = (x - out.unsqueeze(-1)).clamp(min=_min_exponent(x.dtype)).exp()
-            return grad.unsqueeze(-1) * weights
-        return _clamped_exp_(x - out.unsqueeze(-1)).mul_(grad.unsqueeze(-1))
-
-
-def _clamped_exp_(x: torch.Tensor) -> torch.Tensor:
-    """``exp`` of a temporary, in place, with arguments below ``log(tiny)`` raised to it."""
-    return x.clamp_(min=_min_exponent(x.dtype)).exp_()
-
-
-def _min_exponent(dtype: torch.dtype) -> float:
-    return math.ceil(math.log(torch.finfo(dtype).tiny))

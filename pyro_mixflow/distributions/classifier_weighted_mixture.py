@@ -8,8 +8,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import Categorical, constraints
 
-from pyro_mixflow.distributions._implicit import HALF_LOG_2PI
-from pyro_mixflow.distributions.diag_normal_mixture import _check_locs_scales
+from pyro_mixflow.distributions._common import HALF_LOG_2PI, check_locs_scales
 
 __all__ = ["ClassifierWeightedMixture"]
 
@@ -80,7 +79,7 @@ class ClassifierWeightedMixture(TorchDistribution):
         *,
         validate_args: bool | None = None,
     ) -> None:
-        param_shape = _check_locs_scales(locs, scales)
+        param_shape = check_locs_scales(locs, scales)
         if not callable(classifier):
             raise TypeError(
                 f"`classifier` must be an nn.Module or callable, got {type(classifier).__name__}"

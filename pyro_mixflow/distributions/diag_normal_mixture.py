@@ -2,18 +2,21 @@ r"""Exact mixture of diagonal Gaussians with a memory-lean density and exact pat
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import Categorical, constraints
 from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_logits
 
-from pyro_mixflow.distributions._implicit import (
+from pyro_mixflow.distributions._common import (
     HALF_LOG_2PI,
-    implicit_mixture_rsample,
+    batched_rowwise_matmul,
+    check_float_tensor,
+    check_locs_scales,
+    expected_branch_log_prob,
     logsumexp,
+    take_component,
 )
+from pyro_mixflow.distributions._implicit import implicit_mixture_rsample
 
 __all__ = ["DiagNormalMixture"]
 
@@ -96,8 +99,8 @@ class DiagNormalMixture(TorchDistribution):
             raise ValueError("Either `probs` or `logits` must be specified, but not both.")
         weights_name = "logits" if probs is None else "probs"
         weights = logits if probs is None else probs
-        param_shape = _check_locs_scales(locs, scales)
-        _check_float_tensor(weights_name, weights, locs)
+        param_shape = check_locs_scales(locs, scales)
+        check_float_tensor(weights_name, weights, locs)
         if weights.dim() < 1:
             raise ValueError(f"`{weights_name}` must have shape (*batch, K), got ()")
         num_components = param_shape[-2]
@@ -174,7 +177,7 @@ class DiagNormalMixture(TorchDistribution):
             noise = torch.randn(
                 self._extended_shape(sample_shape), dtype=self.locs.dtype, device=self.locs.device
             )
-            return _take_component(self.locs, index) + _take_component(self.scales, index) * noise
+            return take_component(self.locs, index) + take_component(self.scales, index) * noise
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         r"""Exact mixture draws with exact (unbiased) pathwise gradients.
@@ -302,7 +305,7 @@ class DiagNormalMixture(TorchDistribution):
             >>> d.rao_blackwell_log_prob(*d.rao_blackwell((3,))).shape
             torch.Size([3])
         """
-        return _expected_branch_log_prob(self, values, log_weights)
+        return expected_branch_log_prob(self, values, log_weights)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -334,12 +337,12 @@ class DiagNormalMixture(TorchDistribution):
             [-0.5 * precision, self.locs * precision, constant.unsqueeze(-1)], dim=-1
         )  # [*B, K, 2D + 1]
         features = torch.cat([x.square(), x, torch.ones_like(x[..., :1])], dim=-1)
-        return _batched_rowwise_matmul(features, weight)
+        return batched_rowwise_matmul(features, weight)
 
     def _log_joint_of(self, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Returns ``log pi_k + log N(value; mu_k, sigma_k)`` for one component per point."""
-        loc = _take_component(self.locs, index)
-        scale = _take_component(self.scales, index)
+        loc = take_component(self.locs, index)
+        scale = take_component(self.scales, index)
         std = (value - loc) / scale
         log_pi = self.logits.expand(index.shape + self.logits.shape[-1:])
         return (
@@ -348,70 +351,3 @@ class DiagNormalMixture(TorchDistribution):
             - scale.log().sum(-1)
             - self.event_shape[0] * HALF_LOG_2PI
         )
-
-
-def _expected_branch_log_prob(
-    dist: torch.distributions.Distribution, values: torch.Tensor, log_weights: torch.Tensor
-) -> torch.Tensor:
-    """``sum_k w_k log p(x_k)``, with the branch axis moved out of the batch dimensions."""
-    log_prob = dist.log_prob(values.movedim(-2, 0)).movedim(0, -1)  # [*S, *B, K]
-    return (log_weights.exp() * log_prob).sum(-1)
-
-
-def _check_locs_scales(locs, scales) -> torch.Size:
-    """Checks ``locs`` and ``scales`` of shape ``(*batch, K, D)``; returns their broadcast shape."""
-    for name, t in (("locs", locs), ("scales", scales)):
-        _check_float_tensor(name, t, locs)
-        if t.dim() < 2:
-            raise ValueError(f"`{name}` must have shape (*batch, K, D), got {tuple(t.shape)}")
-    try:
-        return torch.broadcast_shapes(locs.shape, scales.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"`locs.shape` {tuple(locs.shape)} and `scales.shape` {tuple(scales.shape)} "
-            "do not broadcast"
-        ) from None
-
-
-def _check_float_tensor(name: str, value, reference: torch.Tensor) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"`{name}` must have a floating-point dtype, got {value.dtype}")
-    if isinstance(reference, torch.Tensor) and value.dtype != reference.dtype:
-        raise TypeError(
-            f"`{name}.dtype` ({value.dtype}) differs from `locs.dtype` ({reference.dtype})"
-        )
-    if isinstance(reference, torch.Tensor) and value.device != reference.device:
-        raise ValueError(f"`{name}` is on {value.device} but `locs` is on {reference.device}")
-
-
-def _batched_rowwise_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``out[..., k] = sum_m x[..., m] * weight[..., k, m]`` with batch dims shared.
-
-    ``x`` has shape ``(*S, *B, M)`` and ``weight`` ``(*B, K, M)``. The sample dims ``*S`` become
-    the rows of one matrix product per batch element, so ``weight`` is never repeated over them.
-    """
-    batch_shape = weight.shape[:-2]
-    num_out, num_in = weight.shape[-2:]
-    if not batch_shape:
-        return x @ weight.T
-    x = x.expand(x.shape[: x.dim() - len(batch_shape) - 1] + batch_shape + (num_in,))
-    sample_shape = x.shape[: x.dim() - len(batch_shape) - 1]
-    num_batch = math.prod(batch_shape)
-    rows = x.reshape(-1, num_batch, num_in).transpose(0, 1)  # [B, S, M]
-    out = torch.bmm(rows, weight.reshape(num_batch, num_out, num_in).transpose(1, 2))
-    return out.transpose(0, 1).reshape(sample_shape + batch_shape + (num_out,))
-
-
-def _take_component(params: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Selects ``params[..., index, :]`` per point: ``(*B, K, D)``, ``(*S, *B)`` -> ``(*S, *B, D)``.
-
-    Flat indexing keeps the backward pass an ``index_add`` into ``(*B, K, D)`` rather than a
-    scatter into a tensor with the sample dimensions.
-    """
-    batch_shape = params.shape[:-2]
-    num_components, dim = params.shape[-2:]
-    offsets = torch.arange(math.prod(batch_shape), device=index.device).reshape(batch_shape)
-    flat = (index + offsets * num_components).reshape(-1)
-    return params.reshape(-1, dim)[flat].reshape(index.shape + (dim,))

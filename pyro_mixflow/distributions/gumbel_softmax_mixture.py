@@ -6,11 +6,8 @@ import math
 
 import torch
 
-from pyro_mixflow.distributions._implicit import HALF_LOG_2PI
-from pyro_mixflow.distributions.diag_normal_mixture import (
-    DiagNormalMixture,
-    _batched_rowwise_matmul,
-)
+from pyro_mixflow.distributions._common import HALF_LOG_2PI, batched_rowwise_matmul
+from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 
 __all__ = ["GumbelSoftmaxMixture"]
 
@@ -259,7 +256,7 @@ class GumbelSoftmaxMixture(DiagNormalMixture):
     def _relaxed_loc_scale(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Returns :math:`(c^\top\mu, c^\top\sigma)` for weights ``(*S, *B, K)``."""
         both = torch.cat([self.locs, self.scales], dim=-1).transpose(-1, -2)  # [*B, 2D, K]
-        out = _batched_rowwise_matmul(weights, both)
+        out = batched_rowwise_matmul(weights, both)
         return out.chunk(2, dim=-1)
 
 

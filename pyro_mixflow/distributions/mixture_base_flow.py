@@ -9,7 +9,7 @@ from pyro.distributions import TransformedDistribution
 from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
 
-from pyro_mixflow.distributions.diag_normal_mixture import _expected_branch_log_prob
+from pyro_mixflow.distributions._common import expected_branch_log_prob
 from pyro_mixflow.transforms.nflows import NflowsTransform, is_nflows_transform
 
 __all__ = ["MixtureBaseFlow"]
@@ -183,7 +183,7 @@ class MixtureBaseFlow(TransformedDistribution):
         """
         cached = getattr(self, "_rao_blackwell_cache", None)
         if cached is None or cached[0] is not values:
-            return _expected_branch_log_prob(self, values, log_weights)
+            return expected_branch_log_prob(self, values, log_weights)
         return (log_weights.exp() * cached[1]).sum(-1)
 
     def _push_forward(

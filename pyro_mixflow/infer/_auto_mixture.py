@@ -16,7 +16,7 @@ from torch.distributions import biject_to
 
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
-from pyro_mixflow.nn.gmm import em_diagonal
+from pyro_mixflow.fitting.em import em_diagonal
 
 __all__: list[str] = []
 
@@ -189,7 +189,7 @@ def _tempered_start(
     the draws are weighted by :math:`w_i = e^{\beta \ell_i}` with the largest :math:`\beta \in
     [0, 1]` whose effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` is at least
     ``ess_fraction`` of the draws (bisection), resampled (systematic resampling) and fitted by
-    a diagonal Gaussian mixture (EM, :func:`~pyro_mixflow.nn.gmm.em_diagonal`, with no
+    a diagonal Gaussian mixture (EM, :func:`~pyro_mixflow.fitting.em_diagonal`, with no
     component on a lone draw: :func:`_fit_without_stragglers`). The scales
     are the fitted ones times :math:`\sqrt\beta`: tempering a likelihood by :math:`\beta`
     widens a Gaussian posterior by :math:`1 / \sqrt\beta` where the likelihood dominates,

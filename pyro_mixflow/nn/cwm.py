@@ -10,7 +10,7 @@ from torch import nn
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow._mlp import mlp
 from pyro_mixflow.distributions.classifier_weighted_mixture import ClassifierWeightedMixture
-from pyro_mixflow.nn.gmm import em_parameters
+from pyro_mixflow.fitting.em import em_parameters
 
 __all__ = ["CWM"]
 
@@ -73,7 +73,7 @@ class CWM(nn.Module):
         r"""Starts the model at a maximum-likelihood EM fit of a diagonal Gaussian mixture.
 
         Means and scales come from scikit-learn's ``GaussianMixture(covariance_type="diag")``
-        (see :func:`~pyro_mixflow.nn.gmm.em_diagonal`); the classifier's last layer gets weight
+        (see :func:`~pyro_mixflow.fitting.em_diagonal`); the classifier's last layer gets weight
         0 and bias :math:`\log \pi`, so :math:`w(z) = \pi` for every :math:`z` and the model's
         density equals the EM mixture's.
 

@@ -1,0 +1,609 @@
+r"""Maximum-likelihood training loop for any module that returns a distribution."""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Distribution
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+__all__ = ["History", "fit", "split_validation"]
+
+DEFAULT_STEPS = 1000
+EVALUATIONS_PER_RUN = 20
+
+
+@dataclass(repr=False)
+class History:
+    """What :func:`fit` measured.
+
+    Steps count optimizer updates: the state "at step ``s``" is the parameters after ``s``
+    updates, step 0 being the initial parameters.
+
+    Attributes:
+        train_loss: Mean negative log-likelihood of each step's mini-batch, one per step,
+            measured before that step's update (``train_loss[s - 1]`` is that of step ``s``).
+        val_loss: Mean negative log-likelihood of the validation rows, one per evaluation.
+        val_steps: The step of each evaluation (the loss of the state at that step).
+        best_step: The step whose state had the lowest validation loss, the state :func:`fit`
+            leaves in the model; ``None`` without validation (or if no validation loss was
+            finite).
+        best_val_loss: The validation loss at ``best_step``, or ``None``.
+        stopped_early: Whether training ended before the last step, by ``patience`` or by the
+            callback.
+        seconds: Wall-clock duration of :func:`fit`.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+    def __repr__(self) -> str:
+        best = None if self.best_val_loss is None else f"{self.best_val_loss:.6g}"
+        return (
+            f"History(steps={len(self.train_loss)}, evaluations={len(self.val_loss)}, "
+            f"best_step={self.best_step}, best_val_loss={best}, "
+            f"stopped_early={self.stopped_early}, seconds={self.seconds:.3g})"
+        )
+
+    def plot(self, ax: Axes | None = None) -> Axes:
+        """Draws the training loss per step, the validation loss and the best step.
+
+        Args:
+            ax: Matplotlib axes to draw on; a new figure when ``None``.
+
+        Returns:
+            The axes.
+        """
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            _, ax = plt.subplots()
+        steps = np.arange(1, len(self.train_loss) + 1)
+        ax.plot(steps, self.train_loss, lw=0.8, alpha=0.6, label="training (mini-batch)")
+        if self.val_loss:
+            ax.plot(self.val_steps, self.val_loss, marker="o", ms=3, label="validation")
+        if self.best_step is not None:
+            ax.axvline(self.best_step, color="grey", ls="--", lw=0.8, label="best")
+        ax.set_xlabel("step")
+        ax.set_ylabel("negative log-likelihood")
+        ax.legend()
+        return ax
+
+
+def fit(
+    model: nn.Module,
+    data: torch.Tensor | np.ndarray,
+    *,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int = 512,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    schedule: str | Callable[[int], float] = "cosine",
+    validation: float | torch.Tensor | np.ndarray | None = 0.1,
+    eval_every: int | None = None,
+    patience: int | None = None,
+    clip_grad_norm: float | None = 10.0,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    callback: Callable[[int, History], bool | None] | None = None,
+) -> History:
+    r"""Fits ``model`` to ``data`` by maximum likelihood with mini-batch Adam.
+
+    ``model()`` must return a distribution :math:`q_\theta` (a fresh one per call, rebuilt at
+    every step) whose ``event_shape`` is the shape of a row of ``data`` and whose
+    ``batch_shape`` is ``()``. The objective is the mean negative log-likelihood
+
+    .. math::
+
+        \min_\theta \; -\frac{1}{N} \sum_{i=1}^N \log q_\theta(x_i),
+
+    estimated on mini-batches of ``batch_size`` rows drawn without replacement, reshuffled every
+    epoch (the last batch of an epoch may be smaller).
+
+    The optimizer is :class:`torch.optim.Adam`, or :class:`torch.optim.AdamW` (decoupled
+    weight decay) when ``weight_decay > 0``. Gradients are clipped to a total norm of
+    ``clip_grad_norm``; the default, 10, only touches outlier steps of a mean log-likelihood, so
+    that one extreme batch cannot wreck Adam's moment estimates.
+
+    With validation data, the mean validation loss is computed every ``eval_every`` steps and at
+    the last step, in batches of ``batch_size`` under :func:`torch.no_grad` with the model in
+    ``eval()`` mode; a copy of the best ``state_dict`` is kept and loaded back into the model at
+    the end. Without validation the model keeps its final parameters. If training fails (a
+    non-finite loss, an exception, Ctrl-C), the model is first restored to the best validated
+    state, or without one to the last parameters whose training loss was finite.
+
+    Randomness: the split and the shuffling use a private :class:`torch.Generator` seeded with
+    ``seed``. A given ``seed`` also seeds torch's global generators (``torch.manual_seed``),
+    which the model uses for any sampling of its own; they are not restored afterwards. With
+    ``seed=None`` the private generator is seeded from torch's global generator, so
+    ``torch.manual_seed`` before :func:`fit` makes a run reproducible too. NumPy's and Python's
+    generators are not touched.
+
+    Args:
+        model: A module whose call ``model()`` returns a
+            :class:`~torch.distributions.Distribution`. It is trained in place (moved to
+            ``device`` if given) and left in the training mode it had.
+        data: Observations, a tensor or NumPy array of shape ``(N, D)``, or ``(N,)`` for
+            scalar rows; ``(N,)`` and ``(N, 1)`` are interchangeable for models with
+            ``event_shape`` ``(1,)`` or ``()``. Integer or floating dtype; converted to the
+            dtype of the model's first floating-point parameter (float32 for most models)
+            and copied to the device.
+        steps: Number of optimizer steps. Give at most one of ``steps`` and ``epochs``; with
+            neither, 1000 steps.
+        epochs: Number of passes over the training rows, ``ceil(N_train / batch_size)``
+            steps each.
+        batch_size: Rows per mini-batch (all training rows if there are fewer).
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay of AdamW; 0 uses Adam.
+        schedule: Learning-rate factor per step ``t = 0, ..., T - 1`` (``T`` the number of
+            steps): ``"cosine"`` is :math:`\frac12 (1 + \cos(\pi t / T))`, from 1 down to
+            nearly 0 at the last step; ``"constant"`` is 1; or a callable ``t -> factor``
+            returning a finite number :math:`\geq 0`.
+        validation: Held-out rows: a fraction in :math:`[0, 1)` of ``data`` split off at
+            random (at least one row), explicit rows (a tensor or array shaped like
+            ``data``), or ``None``/``0`` for no validation. The initial parameters are
+            evaluated too (step 0), so a good initialization such as an EM fit is kept when
+            training does not improve on it.
+        eval_every: Steps between evaluations (validation loss and ``callback``). Default:
+            once per epoch or 20 times per run, whichever is more often, so that evaluation
+            costs at most a few percent of an epoch and the curve has enough points.
+        patience: Stop after this many evaluations in a row without a lower validation loss;
+            ``None`` never stops early. Needs validation.
+        clip_grad_norm: Maximum total gradient norm; ``None`` does not clip.
+        seed: Seed for the split, the shuffling and torch's global generators.
+        device: Device to train on; ``None`` keeps the model's device.
+        progress: Show a tqdm progress bar with the smoothed training loss and the last
+            validation loss.
+        callback: ``callback(step, history)``, called at every evaluation after its
+            validation loss is recorded; a true return value stops training.
+
+    Returns:
+        A :class:`History` of the losses, the best step and the duration.
+
+    Raises:
+        TypeError: If ``model`` is not a module or does not return a distribution, or
+            ``data``/``validation`` is not a tensor or array of numbers.
+        ValueError: If ``data``/``validation`` is empty, has the wrong number of dimensions,
+            holds NaN or infinite values (the message counts the rows and names the first),
+            or does not match the model's ``event_shape``; if a model parameter is not finite;
+            or if an argument is out of range.
+        RuntimeError: If the training loss, the gradient or the parameters become NaN or
+            infinite (including a distribution's own ``ValueError`` on NaN parameters, chained
+            as the cause); the model is restored first (see above).
+
+    Example:
+        >>> from pyro_mixflow import DiagNormalMixture
+        >>> class Mixture(torch.nn.Module):
+        ...     def __init__(self, num_components, dim):
+        ...         super().__init__()
+        ...         self.locs = torch.nn.Parameter(torch.randn(num_components, dim))
+        ...         self.log_scales = torch.nn.Parameter(torch.zeros(num_components, dim))
+        ...         self.logits = torch.nn.Parameter(torch.zeros(num_components))
+        ...
+        ...     def forward(self):
+        ...         return DiagNormalMixture(self.locs, self.log_scales.exp(), self.logits)
+        >>> data = torch.cat([torch.randn(500, 2) - 3.0, torch.randn(500, 2) + 3.0])
+        >>> model = Mixture(num_components=2, dim=2)
+        >>> history = fit(model, data, steps=40, lr=0.05, eval_every=10, seed=0, progress=False)
+        >>> len(history.train_loss), history.val_steps
+        (40, [0, 10, 20, 30, 40])
+        >>> history.best_val_loss < history.val_loss[0]
+        True
+    """
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("`model` has no parameters that require grad; there is nothing to fit")
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"`model` parameter `{name}` holds NaN or infinite values")
+    if steps is not None and epochs is not None:
+        raise ValueError(f"Give at most one of `steps` ({steps}) and `epochs` ({epochs})")
+    if steps is not None:
+        steps = _positive_int("steps", steps)
+    if epochs is not None:
+        epochs = _positive_int("epochs", epochs)
+    batch_size = _positive_int("batch_size", batch_size)
+    lr = _non_negative_float("lr", lr, positive=True)
+    weight_decay = _non_negative_float("weight_decay", weight_decay)
+    factor = _schedule_factor(schedule)
+    if eval_every is not None:
+        eval_every = _positive_int("eval_every", eval_every)
+    if patience is not None:
+        patience = _positive_int("patience", patience)
+    if clip_grad_norm is not None:
+        clip_grad_norm = _non_negative_float("clip_grad_norm", clip_grad_norm, positive=True)
+    if seed is not None:
+        seed = _integer("seed", seed)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
+    fraction = _validation_fraction(validation)
+    if patience is not None and fraction == 0.0:
+        raise ValueError("`patience` needs validation data, but `validation` is None or 0")
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = params[0].device if device is None else torch.device(device)
+    x = _as_rows("data", data, dtype)
+    x_val = None if fraction is not None else _as_rows("validation", validation, dtype)
+
+    model.to(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    else:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    generator = torch.Generator().manual_seed(seed)
+
+    with torch.no_grad():
+        x, x_val = _match_event_shape(model(), x, x_val)
+    if fraction:
+        x, x_val = split_validation(x, fraction, generator=generator)
+    x = x.to(device)
+    x_val = None if x_val is None else x_val.to(device)
+
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    if steps is None:
+        steps = DEFAULT_STEPS if epochs is None else epochs * steps_per_epoch
+    if eval_every is None:
+        eval_every = max(1, min(steps_per_epoch, math.ceil(steps / EVALUATIONS_PER_RUN)))
+
+    if weight_decay > 0:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=lr)
+    history = History()
+    best_state: dict[str, Any] | None = None
+    last_good = copy.deepcopy(model.state_dict())  # the last state with a finite loss
+    last_good_step = 0
+    best_val = math.inf
+    since_best = 0
+    smoothed = math.nan
+    batches = _shuffled_batches(len(x), batch_size, generator, device)
+    bar = tqdm(total=steps, desc="fit", disable=not progress, mininterval=0.5)
+    was_training = model.training
+    model.train()
+    step = 0
+    restored = None  # what the model was restored to, once it has been
+    if x_val is not None:
+        # The starting state competes too, so a good initialization (EM) is never lost.
+        initial = _mean_nll(model, x_val, batch_size)
+        history.val_loss.append(initial)
+        history.val_steps.append(0)
+        if math.isfinite(initial):
+            best_val = initial
+            history.best_step, history.best_val_loss = 0, initial
+            best_state = copy.deepcopy(model.state_dict())
+    try:
+        for step in range(1, steps + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor(step - 1, steps)
+            batch = x[next(batches)]
+            log_prob = model().log_prob(batch)
+            if log_prob.shape != batch.shape[:1]:
+                raise ValueError(
+                    f"`model().log_prob` of a batch of shape {tuple(batch.shape)} has shape "
+                    f"{tuple(log_prob.shape)}, expected ({len(batch)},)"
+                )
+            loss = -log_prob.mean()
+            value = loss.item()
+            if not math.isfinite(value):
+                restored = _restore(model, best_state, history, last_good, last_good_step)
+                problem = f"the training loss is {value}"
+                raise _diverged_error(problem, step, steps, lr, restored)
+            if best_state is None:
+                _copy_state(last_good, model)
+                last_good_step = step - 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = math.inf if clip_grad_norm is None else clip_grad_norm
+            norm = float(nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(norm):
+                restored = _restore(model, best_state, history, last_good, last_good_step)
+                problem = f"the gradient norm is {norm}"
+                raise _diverged_error(problem, step, steps, lr, restored)
+            optimizer.step()
+            history.train_loss.append(value)
+            smoothed = value if step == 1 else 0.95 * smoothed + 0.05 * value
+
+            stop = False
+            if step % eval_every == 0 or step == steps:
+                if x_val is not None:
+                    val = _mean_nll(model, x_val, batch_size)
+                    history.val_loss.append(val)
+                    history.val_steps.append(step)
+                    if val < best_val:
+                        best_val = val
+                        history.best_step, history.best_val_loss = step, val
+                        best_state = copy.deepcopy(model.state_dict())
+                        since_best = 0
+                    else:
+                        since_best += 1
+                    stop = patience is not None and since_best >= patience
+                if callback is not None and callback(step, history):
+                    stop = True
+            postfix = {"loss": f"{smoothed:.4g}"}
+            if history.val_loss:
+                postfix["val"] = f"{history.val_loss[-1]:.4g}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update()
+            if stop and step < steps:
+                history.stopped_early = True
+                break
+    except BaseException as exc:
+        if restored is not None:
+            raise
+        # A distribution that validates its arguments raises on NaN parameters: divergence.
+        diverged = any(not bool(torch.isfinite(p).all()) for p in params)
+        if diverged:
+            restored = _restore(model, best_state, history, last_good, last_good_step)
+            first_line = next(iter(str(exc).splitlines()), "")
+            problem = f"the parameters are not finite ({type(exc).__name__}: {first_line})"
+            raise _diverged_error(problem, step, steps, lr, restored) from exc
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        raise
+    finally:
+        bar.close()
+        model.train(was_training)
+        history.seconds = time.perf_counter() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+def split_validation(
+    rows: torch.Tensor, fraction: float, *, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Splits ``rows`` at random into training and validation rows, as :func:`fit` does.
+
+    :math:`n_{val} = \max(1, \operatorname{round}(f N))` rows, chosen by one random permutation
+    (``torch.randperm`` with ``generator``), are held out; the rest keep their permuted order.
+    :func:`fit` with ``validation=f`` and ``seed=s`` holds out the same rows as this function
+    with ``generator=torch.Generator().manual_seed(s)``.
+
+    Args:
+        rows: A tensor whose first dimension indexes the rows, ``N >= 2``.
+        fraction: The held-out fraction :math:`f`, in :math:`(0, 1)`.
+        generator: Random generator of the permutation; ``None`` uses torch's global one.
+
+    Returns:
+        ``(train, validation)``: ``N - n_val`` and ``n_val`` rows.
+
+    Raises:
+        ValueError: If ``fraction`` is not in :math:`(0, 1)` or leaves no training rows.
+
+    Example:
+        >>> rows = torch.arange(10.0).unsqueeze(-1)
+        >>> train, val = split_validation(rows, 0.2, generator=torch.Generator().manual_seed(0))
+        >>> train.shape, val.shape
+        (torch.Size([8, 1]), torch.Size([2, 1]))
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise TypeError(f"`fraction` must be a number, got {type(fraction).__name__}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"`fraction` must be in (0, 1), got {fraction}")
+    num_val = max(1, round(fraction * len(rows)))
+    if num_val >= len(rows):
+        raise ValueError(
+            f"`validation={fraction}` leaves no training rows out of {len(rows)} row(s)"
+        )
+    order = torch.randperm(len(rows), generator=generator, device="cpu").to(rows.device)
+    return rows[order[num_val:]], rows[order[:num_val]]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    value = _integer(name, value)
+    if value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value}")
+    return value
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def _non_negative_float(name: str, value: Any, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"`{name}` must be a finite {kind} number, got {value}")
+    return value
+
+
+def _schedule_factor(schedule: str | Callable[[int], float]) -> Callable[[int, int], float]:
+    """Checks ``schedule`` and returns ``(t, total) -> learning-rate factor``."""
+    if callable(schedule):
+
+        def checked(t: int, total: int) -> float:
+            value = schedule(t)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"`schedule({t})` must return a finite number >= 0, got {value!r}")
+            return float(value)
+
+        return checked
+    if schedule == "constant":
+        return lambda t, total: 1.0
+    if schedule == "cosine":
+        return lambda t, total: 0.5 * (1.0 + math.cos(math.pi * t / total))
+    raise ValueError(
+        f'`schedule` must be "cosine", "constant" or a callable step -> factor, got {schedule!r}'
+    )
+
+
+def _validation_fraction(validation: Any) -> float | None:
+    """Returns the held-out fraction (0 for none), or ``None`` for explicit rows."""
+    if validation is None:
+        return 0.0
+    if isinstance(validation, torch.Tensor | np.ndarray):
+        return None
+    if isinstance(validation, bool) or not isinstance(validation, numbers.Real):
+        raise TypeError(
+            "`validation` must be a fraction, a tensor or array of rows, or None, "
+            f"got {type(validation).__name__}"
+        )
+    if not 0.0 <= validation < 1.0:
+        raise ValueError(f"`validation` as a fraction must be in [0, 1), got {validation}")
+    return float(validation)
+
+
+def _as_rows(name: str, data: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Converts ``data`` to a CPU tensor of ``dtype`` with 1 or 2 dims and finite values."""
+    if isinstance(data, torch.Tensor):
+        source = data.detach()
+        if source.dtype == torch.bool or source.is_complex():
+            raise TypeError(f"`{name}` must hold real numbers, got dtype {source.dtype}")
+        x = source.to(device="cpu", dtype=dtype, copy=True)
+    elif isinstance(data, np.ndarray):
+        source = data
+        if source.dtype.kind not in "iuf":
+            raise TypeError(f"`{name}` must hold real numbers, got dtype {source.dtype}")
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        with np.errstate(over="ignore"):  # overflow is reported below, with the row
+            x = torch.from_numpy(np.array(source, dtype=np_dtype)).to(dtype)
+    else:
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor or numpy.ndarray, got {type(data).__name__} "
+            "(convert it with numpy.asarray)"
+        )
+    if x.dim() not in (1, 2):
+        raise ValueError(f"`{name}` must have shape (N, D) or (N,), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)})")
+    bad = (~torch.isfinite(x).reshape(len(x), -1).all(-1)).nonzero().flatten()
+    if len(bad):
+        first = int(bad[0])
+        row = source[first]
+        if isinstance(row, torch.Tensor):
+            finite = bool(torch.isfinite(row).all())
+        else:
+            finite = bool(np.isfinite(row).all())
+        hint = f"; its values overflow {dtype}" if finite else ""
+        raise ValueError(
+            f"`{name}` has {len(bad)} row(s) with NaN or infinite values (first: row {first}"
+            f"{hint}); remove or impute them"
+        )
+    return x
+
+
+def _match_event_shape(
+    dist: Any, x: torch.Tensor, x_val: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Checks ``model()`` against the rows; swaps ``(N,)`` and ``(N, 1)`` when needed."""
+    if not isinstance(dist, Distribution):
+        raise TypeError(
+            f"`model()` must return a torch.distributions.Distribution, got {type(dist).__name__}"
+        )
+    if dist.batch_shape:
+        raise ValueError(
+            f"`model()` returned a distribution with batch_shape {tuple(dist.batch_shape)}; fit "
+            "needs batch_shape () (wrap it in torch.distributions.Independent to move batch "
+            "dimensions into event_shape)"
+        )
+    event_shape = tuple(dist.event_shape)
+
+    def match(name: str, rows: torch.Tensor) -> torch.Tensor:
+        row_shape = tuple(rows.shape[1:])
+        if row_shape == event_shape:
+            return rows
+        if row_shape == () and event_shape == (1,):
+            return rows.unsqueeze(-1)
+        if row_shape == (1,) and event_shape == ():
+            return rows.squeeze(-1)
+        raise ValueError(
+            f"`{name}` has rows of shape {row_shape} (shape {tuple(rows.shape)}) but the "
+            f"model's distribution has event_shape {event_shape}"
+        )
+
+    return match("data", x), None if x_val is None else match("validation", x_val)
+
+
+def _shuffled_batches(
+    num_rows: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Yields index batches forever, one fresh permutation per epoch."""
+    while True:
+        yield from torch.randperm(num_rows, generator=generator).to(device).split(batch_size)
+
+
+@torch.no_grad()
+def _mean_nll(model: nn.Module, x: torch.Tensor, batch_size: int) -> float:
+    """Mean negative log-likelihood of ``x`` in batches, in eval mode, summed in float64."""
+    model.eval()
+    try:
+        dist = model()
+        total = sum(-dist.log_prob(chunk).sum().item() for chunk in x.split(batch_size))
+    finally:
+        model.train()
+    return total / len(x)
+
+
+def _copy_state(target: dict[str, Any], model: nn.Module) -> None:
+    """Copies the model's ``state_dict`` into ``target`` in place (no allocation)."""
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and target.get(key) is not None:
+            if target[key].shape == value.shape:
+                target[key].copy_(value)
+                continue
+        target[key] = copy.deepcopy(value)
+
+
+def _restore(
+    model: nn.Module,
+    best_state: dict[str, Any] | None,
+    history: History,
+    last_good: dict[str, Any],
+    last_good_step: int,
+) -> str:
+    """Loads the best validated state, else the last one with a finite loss; says which."""
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        return (
+            f"the best validated parameters, from step {history.best_step} "
+            f"(validation loss {history.best_val_loss:.6g})"
+        )
+    model.load_state_dict(last_good)
+    if last_good_step == 0:
+        return "its initial parameters"
+    return f"its parameters from step {last_good_step}, the last with a finite loss"
+
+
+def _diverged_error(problem: str, step: int, steps: int, lr: float, restored: str) -> RuntimeError:
+    hint = (
+        "check the model's initialization and that its support covers the data"
+        if step == 1
+        else f"try a lower `lr` (now {lr:g}) or a smaller `clip_grad_norm`"
+    )
+    return RuntimeError(
+        f"Training diverged at step {step} of {steps}: {problem}; the model holds {restored}. "
+        f"Hint: {hint}."
+    )
