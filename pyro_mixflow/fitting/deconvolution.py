@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 
 __all__ = ["DeconvolutionResult", "deconvolve"]
@@ -108,8 +109,8 @@ def deconvolve(
             )
     if bool((s < 0).any()):
         raise ValueError(f"`errors` must be >= 0, got min {s.min().item():g}")
-    k = _positive_int("num_components", num_components)
-    max_iter = _positive_int("max_iter", max_iter)
+    k = check_positive_int("num_components", num_components)
+    max_iter = check_positive_int("max_iter", max_iter)
     if k > len(x):
         raise ValueError(f"`num_components` ({k}) exceeds the number of rows ({len(x)})")
     if not (isinstance(min_scale, numbers.Real) and min_scale >= 0):
@@ -183,9 +184,3 @@ def _as_rows(name: str, value) -> tuple[torch.Tensor, torch.dtype]:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"`{name}` has NaN or infinite values")
     return x, out_dtype
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return int(value)

@@ -3,6 +3,7 @@ r"""Maximum-likelihood training loop for any module that returns a distribution.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 import time
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
+
+from pyro_mixflow._checks import check_integer, check_non_negative_float, check_positive_int
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -210,165 +213,78 @@ def fit(
         True
     """
     start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("`model` has no parameters that require grad; there is nothing to fit")
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise ValueError(f"`model` parameter `{name}` holds NaN or infinite values")
-    if steps is not None and epochs is not None:
-        raise ValueError(f"Give at most one of `steps` ({steps}) and `epochs` ({epochs})")
-    if steps is not None:
-        steps = _positive_int("steps", steps)
-    if epochs is not None:
-        epochs = _positive_int("epochs", epochs)
-    batch_size = _positive_int("batch_size", batch_size)
-    lr = _non_negative_float("lr", lr, positive=True)
-    weight_decay = _non_negative_float("weight_decay", weight_decay)
-    factor = _schedule_factor(schedule)
-    if eval_every is not None:
-        eval_every = _positive_int("eval_every", eval_every)
-    if patience is not None:
-        patience = _positive_int("patience", patience)
-    if clip_grad_norm is not None:
-        clip_grad_norm = _non_negative_float("clip_grad_norm", clip_grad_norm, positive=True)
-    if seed is not None:
-        seed = _integer("seed", seed)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
-    fraction = _validation_fraction(validation)
-    if patience is not None and fraction == 0.0:
-        raise ValueError("`patience` needs validation data, but `validation` is None or 0")
-
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    device = params[0].device if device is None else torch.device(device)
-    x = _as_rows("data", data, dtype)
-    x_val = None if fraction is not None else _as_rows("validation", validation, dtype)
-
-    model.to(device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    else:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    generator = torch.Generator().manual_seed(seed)
-
-    with torch.no_grad():
-        x, x_val = _match_event_shape(model(), x, x_val)
-    if fraction:
-        x, x_val = split_validation(x, fraction, generator=generator)
-    x = x.to(device)
-    x_val = None if x_val is None else x_val.to(device)
-
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    if steps is None:
-        steps = DEFAULT_STEPS if epochs is None else epochs * steps_per_epoch
-    if eval_every is None:
-        eval_every = max(1, min(steps_per_epoch, math.ceil(steps / EVALUATIONS_PER_RUN)))
-
-    if weight_decay > 0:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=lr)
+    params = _trainable_parameters(model)
+    settings = _check_settings(
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        validation=validation,
+        eval_every=eval_every,
+        patience=patience,
+        clip_grad_norm=clip_grad_norm,
+        seed=seed,
+        callback=callback,
+    )
+    x, x_val, generator = _prepare_rows(model, data, validation, settings, params, device)
+    steps, eval_every = settings.plan(len(x))
+    optimizer = _optimizer(params, settings)
     history = History()
-    best_state: dict[str, Any] | None = None
-    last_good = copy.deepcopy(model.state_dict())  # the last state with a finite loss
-    last_good_step = 0
-    best_val = math.inf
-    since_best = 0
-    smoothed = math.nan
-    batches = _shuffled_batches(len(x), batch_size, generator, device)
+    checkpoints = _Checkpoints(model, history, settings.patience)
+    batches = _shuffled_batches(len(x), settings.batch_size, generator, x.device)
     bar = tqdm(total=steps, desc="fit", disable=not progress, mininterval=0.5)
     was_training = model.training
     model.train()
     step = 0
-    restored = None  # what the model was restored to, once it has been
+    smoothed = math.nan
     if x_val is not None:
         # The starting state competes too, so a good initialization (EM) is never lost.
-        initial = _mean_nll(model, x_val, batch_size)
-        history.val_loss.append(initial)
-        history.val_steps.append(0)
-        if math.isfinite(initial):
-            best_val = initial
-            history.best_step, history.best_val_loss = 0, initial
-            best_state = copy.deepcopy(model.state_dict())
+        checkpoints.validate(0, _mean_nll(model, x_val, settings.batch_size))
     try:
         for step in range(1, steps + 1):
             for group in optimizer.param_groups:
-                group["lr"] = lr * factor(step - 1, steps)
-            batch = x[next(batches)]
-            log_prob = model().log_prob(batch)
-            if log_prob.shape != batch.shape[:1]:
-                raise ValueError(
-                    f"`model().log_prob` of a batch of shape {tuple(batch.shape)} has shape "
-                    f"{tuple(log_prob.shape)}, expected ({len(batch)},)"
-                )
-            loss = -log_prob.mean()
+                group["lr"] = settings.lr * settings.factor(step - 1, steps)
+            loss = _batch_loss(model, x[next(batches)])
             value = loss.item()
             if not math.isfinite(value):
-                restored = _restore(model, best_state, history, last_good, last_good_step)
-                problem = f"the training loss is {value}"
-                raise _diverged_error(problem, step, steps, lr, restored)
-            if best_state is None:
-                _copy_state(last_good, model)
-                last_good_step = step - 1
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = math.inf if clip_grad_norm is None else clip_grad_norm
-            norm = float(nn.utils.clip_grad_norm_(params, max_norm))
+                raise _Divergence(f"the training loss is {value}")
+            checkpoints.mark_good(step)
+            norm = _update(optimizer, loss, params, settings.clip_grad_norm)
             if not math.isfinite(norm):
-                restored = _restore(model, best_state, history, last_good, last_good_step)
-                problem = f"the gradient norm is {norm}"
-                raise _diverged_error(problem, step, steps, lr, restored)
-            optimizer.step()
+                raise _Divergence(f"the gradient norm is {norm}")
             history.train_loss.append(value)
             smoothed = value if step == 1 else 0.95 * smoothed + 0.05 * value
 
             stop = False
             if step % eval_every == 0 or step == steps:
                 if x_val is not None:
-                    val = _mean_nll(model, x_val, batch_size)
-                    history.val_loss.append(val)
-                    history.val_steps.append(step)
-                    if val < best_val:
-                        best_val = val
-                        history.best_step, history.best_val_loss = step, val
-                        best_state = copy.deepcopy(model.state_dict())
-                        since_best = 0
-                    else:
-                        since_best += 1
-                    stop = patience is not None and since_best >= patience
+                    val = _mean_nll(model, x_val, settings.batch_size)
+                    stop = checkpoints.validate(step, val)
                 if callback is not None and callback(step, history):
                     stop = True
-            postfix = {"loss": f"{smoothed:.4g}"}
-            if history.val_loss:
-                postfix["val"] = f"{history.val_loss[-1]:.4g}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update()
+            _show_progress(bar, smoothed, history)
             if stop and step < steps:
                 history.stopped_early = True
                 break
+    except _Divergence as divergence:
+        restored = checkpoints.restore()
+        raise _diverged_error(str(divergence), step, steps, settings.lr, restored) from None
     except BaseException as exc:
-        if restored is not None:
-            raise
         # A distribution that validates its arguments raises on NaN parameters: divergence.
-        diverged = any(not bool(torch.isfinite(p).all()) for p in params)
-        if diverged:
-            restored = _restore(model, best_state, history, last_good, last_good_step)
-            first_line = next(iter(str(exc).splitlines()), "")
-            problem = f"the parameters are not finite ({type(exc).__name__}: {first_line})"
-            raise _diverged_error(problem, step, steps, lr, restored) from exc
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        raise
+        if all(bool(torch.isfinite(p).all()) for p in params):
+            checkpoints.load_best()
+            raise
+        restored = checkpoints.restore()
+        first_line = next(iter(str(exc).splitlines()), "")
+        problem = f"the parameters are not finite ({type(exc).__name__}: {first_line})"
+        raise _diverged_error(problem, step, steps, settings.lr, restored) from exc
     finally:
         bar.close()
         model.train(was_training)
         history.seconds = time.perf_counter() - start
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    checkpoints.load_best()
     return history
 
 
@@ -412,27 +328,226 @@ def split_validation(
     return rows[order[num_val:]], rows[order[:num_val]]
 
 
-def _positive_int(name: str, value: Any) -> int:
-    value = _integer(name, value)
-    if value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value}")
-    return value
+@dataclass(frozen=True)
+class _Settings:
+    """The checked arguments of :func:`fit`."""
+
+    steps: int | None
+    epochs: int | None
+    batch_size: int
+    lr: float
+    weight_decay: float
+    factor: Callable[[int, int], float]  # (t, total) -> learning-rate factor
+    eval_every: int | None
+    patience: int | None
+    clip_grad_norm: float | None
+    seed: int | None
+    fraction: float | None  # held-out fraction (0: no validation), None for explicit rows
+
+    def plan(self, num_rows: int) -> tuple[int, int]:
+        """Returns ``(steps, eval_every)`` for ``num_rows`` training rows."""
+        steps_per_epoch = math.ceil(num_rows / self.batch_size)
+        steps = self.steps
+        if steps is None:
+            steps = DEFAULT_STEPS if self.epochs is None else self.epochs * steps_per_epoch
+        eval_every = self.eval_every
+        if eval_every is None:
+            eval_every = max(1, min(steps_per_epoch, math.ceil(steps / EVALUATIONS_PER_RUN)))
+        return steps, eval_every
 
 
-def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__}")
-    return int(value)
+def _check_settings(
+    *,
+    steps: Any,
+    epochs: Any,
+    batch_size: Any,
+    lr: Any,
+    weight_decay: Any,
+    schedule: Any,
+    validation: Any,
+    eval_every: Any,
+    patience: Any,
+    clip_grad_norm: Any,
+    seed: Any,
+    callback: Any,
+) -> _Settings:
+    """Checks the arguments of :func:`fit`; raises naming the first one that is wrong."""
+
+    def positive(name: str, value: Any) -> int:
+        return check_positive_int(name, check_integer(name, value))
+
+    if steps is not None and epochs is not None:
+        raise ValueError(f"Give at most one of `steps` ({steps}) and `epochs` ({epochs})")
+    settings = _Settings(
+        steps=None if steps is None else positive("steps", steps),
+        epochs=None if epochs is None else positive("epochs", epochs),
+        batch_size=positive("batch_size", batch_size),
+        lr=check_non_negative_float("lr", lr, positive=True),
+        weight_decay=check_non_negative_float("weight_decay", weight_decay),
+        factor=_schedule_factor(schedule),
+        eval_every=None if eval_every is None else positive("eval_every", eval_every),
+        patience=None if patience is None else positive("patience", patience),
+        clip_grad_norm=None
+        if clip_grad_norm is None
+        else check_non_negative_float("clip_grad_norm", clip_grad_norm, positive=True),
+        seed=None if seed is None else check_integer("seed", seed),
+        fraction=None,
+    )
+    if callback is not None and not callable(callback):
+        raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
+    fraction = _validation_fraction(validation)
+    if settings.patience is not None and fraction == 0.0:
+        raise ValueError("`patience` needs validation data, but `validation` is None or 0")
+    return dataclasses.replace(settings, fraction=fraction)
 
 
-def _non_negative_float(name: str, value: Any, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"`{name}` must be a finite {kind} number, got {value}")
-    return value
+def _trainable_parameters(model: Any) -> list[nn.Parameter]:
+    """The parameters :func:`fit` updates; checks that there are some and that they are finite."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("`model` has no parameters that require grad; there is nothing to fit")
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"`model` parameter `{name}` holds NaN or infinite values")
+    return params
+
+
+def _prepare_rows(
+    model: nn.Module,
+    data: Any,
+    validation: Any,
+    settings: _Settings,
+    params: list[nn.Parameter],
+    device: str | torch.device | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Generator]:
+    """Checks the rows, moves the model, seeds, splits: ``(train, validation, generator)``.
+
+    The rows take the dtype of the model's first floating-point parameter and go to ``device``
+    (default: the parameters' device), where the model goes too.
+    """
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = params[0].device if device is None else torch.device(device)
+    x = _as_rows("data", data, dtype)
+    x_val = None if settings.fraction is not None else _as_rows("validation", validation, dtype)
+    model.to(device)
+    seed = settings.seed
+    if seed is not None:
+        torch.manual_seed(seed)
+    else:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x, x_val = _match_event_shape(model(), x, x_val)
+    if settings.fraction:
+        x, x_val = split_validation(x, settings.fraction, generator=generator)
+    return x.to(device), None if x_val is None else x_val.to(device), generator
+
+
+def _optimizer(params: list[nn.Parameter], settings: _Settings) -> torch.optim.Optimizer:
+    """Adam, or AdamW (decoupled weight decay) when ``weight_decay > 0``."""
+    if settings.weight_decay > 0:
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.Adam(params, lr=settings.lr)
+
+
+def _batch_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of one mini-batch; checks the shape of ``log_prob``."""
+    log_prob = model().log_prob(batch)
+    if log_prob.shape != batch.shape[:1]:
+        raise ValueError(
+            f"`model().log_prob` of a batch of shape {tuple(batch.shape)} has shape "
+            f"{tuple(log_prob.shape)}, expected ({len(batch)},)"
+        )
+    return -log_prob.mean()
+
+
+def _update(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    params: list[nn.Parameter],
+    clip_grad_norm: float | None,
+) -> float:
+    """One optimizer step on ``loss`` with clipped gradients; returns the gradient norm.
+
+    A non-finite norm skips the step (the caller stops training).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = math.inf if clip_grad_norm is None else clip_grad_norm
+    norm = float(nn.utils.clip_grad_norm_(params, max_norm))
+    if math.isfinite(norm):
+        optimizer.step()
+    return norm
+
+
+def _show_progress(bar: tqdm, smoothed: float, history: History) -> None:
+    """Advances the progress bar, showing the smoothed loss and the last validation loss."""
+    postfix = {"loss": f"{smoothed:.4g}"}
+    if history.val_loss:
+        postfix["val"] = f"{history.val_loss[-1]:.4g}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update()
+
+
+class _Checkpoints:
+    """The states that :func:`fit` can return to, and the validation record.
+
+    The best validated state is what :func:`fit` leaves in the model. Until there is one, the
+    last state whose training loss was finite is kept (updated in place, without allocation)
+    so that a divergence can be undone.
+    """
+
+    def __init__(self, model: nn.Module, history: History, patience: int | None) -> None:
+        self.model, self.history, self.patience = model, history, patience
+        self.best_state: dict[str, Any] | None = None
+        self.since_best = 0  # evaluations since the best one
+        self.last_good = copy.deepcopy(model.state_dict())
+        self.last_good_step = 0
+
+    def validate(self, step: int, loss: float) -> bool:
+        """Records the validation ``loss`` of the state at ``step``; returns whether to stop."""
+        history = self.history
+        history.val_loss.append(loss)
+        history.val_steps.append(step)
+        best = math.inf if history.best_val_loss is None else history.best_val_loss
+        if loss < best:
+            history.best_step, history.best_val_loss = step, loss
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.since_best = 0
+        elif step > 0:
+            self.since_best += 1
+        return self.patience is not None and self.since_best >= self.patience
+
+    def mark_good(self, step: int) -> None:
+        """Notes that the state before step ``step`` had a finite training loss."""
+        if self.best_state is None:
+            _copy_state(self.last_good, self.model)
+            self.last_good_step = step - 1
+
+    def load_best(self) -> None:
+        """Loads the best validated state into the model, if there is one."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def restore(self) -> str:
+        """Loads the best validated state, else the last with a finite loss; says which."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+            return (
+                f"the best validated parameters, from step {self.history.best_step} "
+                f"(validation loss {self.history.best_val_loss:.6g})"
+            )
+        self.model.load_state_dict(self.last_good)
+        if self.last_good_step == 0:
+            return "its initial parameters"
+        return f"its parameters from step {self.last_good_step}, the last with a finite loss"
+
+
+class _Divergence(Exception):
+    """The training loss or the gradient norm became non-finite (says which, and its value)."""
 
 
 def _schedule_factor(schedule: str | Callable[[int], float]) -> Callable[[int, int], float]:
@@ -575,26 +690,6 @@ def _copy_state(target: dict[str, Any], model: nn.Module) -> None:
                 target[key].copy_(value)
                 continue
         target[key] = copy.deepcopy(value)
-
-
-def _restore(
-    model: nn.Module,
-    best_state: dict[str, Any] | None,
-    history: History,
-    last_good: dict[str, Any],
-    last_good_step: int,
-) -> str:
-    """Loads the best validated state, else the last one with a finite loss; says which."""
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        return (
-            f"the best validated parameters, from step {history.best_step} "
-            f"(validation loss {history.best_val_loss:.6g})"
-        )
-    model.load_state_dict(last_good)
-    if last_good_step == 0:
-        return "its initial parameters"
-    return f"its parameters from step {last_good_step}, the last with a finite loss"
 
 
 def _diverged_error(problem: str, step: int, steps: int, lr: float, restored: str) -> RuntimeError:
