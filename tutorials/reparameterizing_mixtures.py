@@ -399,10 +399,11 @@ for draws_name, draws in (
 # $\log p_\tau(x)$ by roughly $\operatorname{Var}/(2 M p_\tau^2)$, a $1/M$ decay. We measure the
 # bias at a point between the modes, where it is largest.
 #
-# The seed note also warns that it had been computing a *joint* entropy. The three
-# candidates differ: $H(q)$ of the mixture, $H(p_\tau)$ of the relaxed marginal (the entropy
-# of the relaxed draws), and $H(c, x) = H(c) + H(x \mid c)$, where $H(c)$ is a differential
-# entropy on the simplex (it can be very negative at small $\tau$).
+# Which entropy a maximum-entropy objective computes matters as well: a sampler that returns
+# the pair $(c, x)$ invites a *joint* entropy. The three candidates differ: $H(q)$ of the
+# mixture, $H(p_\tau)$ of the relaxed marginal (the entropy of the relaxed draws), and
+# $H(c, x) = H(c) + H(x \mid c)$, where $H(c)$ is a differential entropy on the simplex
+# (it can be very negative at small $\tau$).
 
 # %%
 point = torch.tensor([[-0.5]], dtype=dtype)
