@@ -69,7 +69,7 @@ test set and the grid is not timed.
   (4 two-spline couplings, no gating); ``rad-allfold``, every layer folds
   (``fold_ends=True``); ``rad-6``, 6 layers, the middle two folding
   (``num_pieces=(1, 1, 2, 2, 1, 1)``); ``rad-bound4``, folds and splines on 4 standard
-  deviations instead of 3. Results over seeds: ``benchmarks/results/ablation/``.
+  deviations instead of 3. Results over seeds: ``benchmarks/results/density-seeds.md``.
 
 The three peer flows see standardized data, :math:`z = (x - m) / s` with the training rows'
 mean and standard deviation, and their log-density is mapped back,
@@ -81,11 +81,15 @@ initialization, before any Adam step.
 
 **Outputs** (in ``--out``): ``density-<datasets>[-<models>].json`` (metrics of one process,
 rewritten after every (dataset, model) pair) and ``.npz`` (log-densities on a 150 × 150 grid
-over each dataset's ``bounds``, float16), then ``density.md`` (tables, among them each
-model's mass on the checkerboard's empty squares, from the grid) and ``density.png``
-(rows: datasets; columns: the truth and every model's log-density on the grid, one colour
-scale per row, from 4 nats below the truth's maximum to that maximum, clipped at both ends: a
-log scale shows the narrow 25-Gaussian modes and where a model leaks mass).
+over each dataset's ``bounds``, float16), then the report: ``density.md`` (tables, among them
+each model's mass on the checkerboard's empty squares, from the grid), ``density.png`` (rows:
+datasets; columns: the truth and every model's log-density on the grid, one colour scale per
+row, from 4 nats below the truth's maximum to that maximum, clipped at both ends: a log scale
+shows the narrow 25-Gaussian modes and where a model leaks mass), and ``density.json`` +
+``density.npz``: the runs and grids the report shows (each run's metadata, ``source`` file and
+current records; superseded records and runs left out). ``--seed-report`` writes
+``density-seeds.md`` and ``density-seeds.json`` likewise. ``benchmarks/results`` keeps only
+these report files; once a run is folded into a report, its per-process files can go.
 
 Usage::
 
@@ -93,15 +97,22 @@ Usage::
     python benchmarks/density.py --quick               # smoke test (~20 s) into $TMPDIR
     python benchmarks/density.py --threads 1 --datasets 8gaussians checkerboard --no-report &
     python benchmarks/density.py --threads 1 --datasets 25gaussians rings euler --no-report &
-    wait; python benchmarks/density.py --report        # combine every density-*.json in --out
+    wait; python benchmarks/density.py --report        # density.json + every density-*.json
     python benchmarks/density.py --datasets rings --models realnvp-general --no-report
     python benchmarks/density.py --report A.json B.json --out DIR   # combine chosen runs
     python benchmarks/density.py --models rad nflows-nsf --seed 1 --out DIR/1 --no-report
-    python benchmarks/density.py --seed-report DIR/*/density-*.json  # spread over seeds
     python benchmarks/density.py --models rad-64 rad-nofold --seed 1 --out DIR/1 --no-report
+    python benchmarks/density.py --seed-report benchmarks/results/density-seeds.json \
+        DIR/*/density-*.json                            # spread over seeds, new runs added
+
+The stored results re-render without running anything::
+
+    python benchmarks/density.py --report              # density.md, .png from density.json
+    python benchmarks/density.py --seed-report benchmarks/results/density-seeds.json
 
 ``--report`` refuses runs with different budgets or seeds; where two runs hold the same
-(dataset, model) pair, the one started later wins.
+(dataset, model) pair (with ``--seed-report``: the same pair and seed), the one started later
+wins.
 """
 
 from __future__ import annotations
@@ -166,6 +177,8 @@ RAD_VARIANTS: dict[str, dict[str, Any]] = {
     "rad-bound4": {**_RAD_64, "bound": 4.0},
 }
 DEFAULT_MODELS = tuple(m for m in MODELS if m not in RAD_VARIANTS)
+RECORDS = "density.json"  # the runs density.md shows (grids: density.npz); --report reads it
+SEED_RECORDS = "density-seeds.json"  # the runs density-seeds.md shows
 LOG_DENSITY_RANGE = 4.0  # nats of log-density the figure shows below the maximum
 
 
@@ -678,19 +691,21 @@ def load_results(
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Reads JSON results (oldest first) and their grids; checks budgets and seeds.
 
-    All runs must share one budget and, with ``one_seed``, one seed.
+    A file holds one process's run (``density-<tag>.json``) or the runs a report shows
+    (``density.json``, ``density-seeds.json``: ``{"runs": [...]}``). All runs must share one
+    budget and, with ``one_seed``, one seed.
     """
     runs, grids = [], {}
-    for path in sorted(paths, key=lambda p: json.loads(p.read_text())["started"]):
-        run_ = json.loads(path.read_text())
-        run_["file"] = path.name
-        runs.append(run_)
+    files = [(Path(path), _read_runs(Path(path))) for path in paths]
+    for path, file_runs in sorted(files, key=lambda f: max(r["started"] for r in f[1])):
+        runs += file_runs
         npz = path.with_suffix(".npz")
         if npz.exists():
             with np.load(npz) as data:
                 grids.update({key: data[key] for key in data.files})
     if not runs:
         raise SystemExit("no density-*.json results to report")
+    runs.sort(key=lambda r: r["started"])
     first = runs[0]
     for run_ in runs[1:]:
         if run_["budget"] != first["budget"] or (one_seed and run_["seed"] != first["seed"]):
@@ -699,6 +714,30 @@ def load_results(
                 "report them separately (move one out of the folder or name the files)"
             )
     return runs, grids
+
+
+def _read_runs(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    runs = data["runs"] if "runs" in data else [data]
+    for run_ in runs:
+        run_["file"] = path.name
+    return runs
+
+
+def _save_runs(path: Path, runs: Sequence[dict[str, Any]], keep: Callable[..., bool]) -> None:
+    """Writes ``{"runs": [...]}``: each run with the records ``keep(run, record)`` accepts.
+
+    Runs with no such record are left out; ``source`` names the file a run was first written to.
+    """
+    kept = []
+    for run_ in runs:
+        records = [r for r in run_["records"] if keep(run_, r)]
+        if records:
+            meta = {k: v for k, v in run_.items() if k not in ("file", "records")}
+            kept.append({**meta, "source": run_.get("source", run_["file"]), "records": records})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"runs": kept}, indent=1, allow_nan=True) + "\n")
+    tmp.replace(path)
 
 
 def seed_report(
@@ -712,14 +751,17 @@ def seed_report(
     A seed draws other training and test data and another initialization, so the spread
     over seeds is what a user fitting one model to one sample sees. Runs must share a budget;
     per (dataset, model, seed) the run started later wins. Only ``names`` and ``models`` are
-    reported.
+    reported; the records shown go to ``density-seeds.json`` (the report's only input when
+    rerun).
     """
     runs, _ = load_results(paths, one_seed=False)
     kl: dict[tuple[str, str], dict[int, float]] = {}
+    shown: dict[tuple[str, str, int], dict[str, Any]] = {}
     for run_ in runs:
         for r in run_["records"]:
             if r["kl"] is not None and r["dataset"] in names and r["model"] in models:
                 kl.setdefault((r["dataset"], r["model"]), {})[run_["seed"]] = r["kl"]
+                shown[r["dataset"], r["model"], run_["seed"]] = r
     names = [d for d in DATASETS if any(key[0] == d for key in kl)]
     models = [m for m in MODELS if any(key[1] == m for key in kl)]
     lines = [
@@ -748,11 +790,20 @@ def seed_report(
     text = "\n".join([*lines, "", "Per seed:", "", *per_seed, ""])
     out.mkdir(parents=True, exist_ok=True)
     (out / "density-seeds.md").write_text(text)
+    _save_runs(
+        out / SEED_RECORDS,
+        runs,
+        lambda run_, r: shown.get((r["dataset"], r["model"], run_["seed"])) is r,
+    )
     return text
 
 
 def report(runs: list[dict[str, Any]], grids: dict[str, np.ndarray], out: Path) -> str:
-    """Writes ``density.md`` and ``density.png`` from the runs; returns the markdown."""
+    """Writes ``density.md`` and ``density.png`` from the runs; returns the markdown.
+
+    The records and grids shown go to ``density.json`` and ``density.npz``, from which
+    ``--report`` renders the same files again.
+    """
     records: dict[tuple[str, str], dict[str, Any]] = {}
     truth: dict[str, Any] = {}
     bounds: dict[str, Any] = {}
@@ -766,6 +817,11 @@ def report(runs: list[dict[str, Any]], grids: dict[str, np.ndarray], out: Path) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "density.md").write_text(markdown)
     _figure(grids, records, bounds, names, models, out / "density.png")
+    _save_runs(out / RECORDS, runs, lambda _, r: records[r["dataset"], r["model"]] is r)
+    shown = [f"{d}/truth" for d in names] + [f"{d}/{m}" for d, m in records]
+    np.savez_compressed(
+        out / RECORDS.replace(".json", ".npz"), **{key: grids[key] for key in shown if key in grids}
+    )
     return markdown
 
 
@@ -1108,8 +1164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--models",
         nargs="+",
         choices=list(MODELS),
-        default=list(DEFAULT_MODELS),
-        help="models to run (default: all but the RAD ablations, " + ", ".join(RAD_VARIANTS) + ")",
+        default=None,
+        help="models to run (default: all but the RAD ablations, "
+        + ", ".join(RAD_VARIANTS)
+        + "; with --seed-report, every model in the records)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch and BLAS threads (1: batches are small)"
@@ -1123,8 +1181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="*",
         type=Path,
         metavar="JSON",
-        help="combine these results (default: every density-*.json in --out) into "
-        "density.md and density.png, without running anything",
+        help=f"combine these results (default: {RECORDS} and every density-*.json run in "
+        "--out) into density.md and density.png, without running anything",
     )
     parser.add_argument(
         "--seed-report",
@@ -1139,10 +1197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick_out = Path(tempfile.gettempdir()) / "pyro_mixflow-density-quick"
         args.out = quick_out if args.quick else Path(__file__).parent / "results"
     if args.seed_report:
-        print(seed_report(args.seed_report, args.out, args.datasets, args.models))
+        print(seed_report(args.seed_report, args.out, args.datasets, args.models or list(MODELS)))
         return 0
     if args.report is not None:
-        paths = args.report or sorted(args.out.glob("density-*.json"))
+        paths = args.report or [
+            p
+            for p in [args.out / RECORDS, *sorted(args.out.glob("density-*.json"))]
+            if p.exists() and p.name != SEED_RECORDS
+        ]
         runs, grids = load_results(paths)
         print(report(runs, grids, args.out))
         return 0
@@ -1150,7 +1212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = args.threads
     torch.set_num_threads(threads)
     names = [d for d in DATASETS if d in args.datasets]
-    models = [m for m in MODELS if m in args.models]
+    models = [m for m in MODELS if m in (args.models or DEFAULT_MODELS)]
     tag = "+".join(names) + ("" if models == list(DEFAULT_MODELS) else "-" + "+".join(models))
     if args.quick:
         tag = "quick-" + tag

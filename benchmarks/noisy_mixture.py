@@ -43,13 +43,13 @@ from scipy.optimize import linear_sum_assignment
 
 import pyro_mixflow
 from pyro_mixflow import DiagNormalMixture
-from pyro_mixflow.fitting import deconvolve
 from pyro_mixflow.distributions.noisy_mixture import (
     AdditiveNormal,
     IntegerShift,
     NoisyMixture,
     ScaleJitter,
 )
+from pyro_mixflow.fitting import deconvolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_COMPONENTS = 50

@@ -57,15 +57,18 @@ Seeds: ``pyro.set_rng_seed(seed)`` and a fresh param store before each guide is 
 use one torch thread (``--threads``).
 
 **Outputs** (in ``--out``): ``svi-<tag>.json`` (one process; rewritten after every run, so
-partial runs survive and merge), then ``svi.md`` (tables) and ``svi.png`` (draws of each guide,
-first seed, over the target).
+partial runs survive and merge), then the report: ``svi.md`` (tables), ``svi.png`` (draws of
+each guide, first seed, over the target) and ``svi.json`` (the runs the report shows: each
+run's metadata, ``source`` file and current records; superseded ones left out).
+``benchmarks/results`` keeps only these report files; once a run is folded into a report, its
+``svi-<tag>.json`` can go.
 
 Usage::
 
     python benchmarks/svi.py --quick                     # smoke test (seconds) into $TMPDIR
     python benchmarks/svi.py                             # everything, 3 seeds
     python benchmarks/svi.py --targets four_modes --guides agm_rb auto_normal --no-report
-    python benchmarks/svi.py --report                    # combine every svi-*.json in --out
+    python benchmarks/svi.py --report                    # svi.json + every svi-*.json in --out
 """
 
 from __future__ import annotations
@@ -526,9 +529,9 @@ def run(
     return result
 
 
-def _save(out: Path, tag: str, result: dict[str, Any]) -> None:
+def _save(out: Path, tag: str | None, result: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"svi-{tag}.json"
+    path = out / ("svi.json" if tag is None else f"svi-{tag}.json")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, separators=(",", ":"), allow_nan=True) + "\n")
     tmp.replace(path)
@@ -539,8 +542,15 @@ def _save(out: Path, tag: str, result: dict[str, Any]) -> None:
 
 
 def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Reads runs; refuses to mix budgets."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    """Reads runs (oldest first); refuses to mix budgets.
+
+    A file holds one process's run (``svi-<tag>.json``) or the runs a report shows
+    (``svi.json``: ``{"runs": [...]}``).
+    """
+    runs = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        runs += data["runs"] if "runs" in data else [{**data, "source": Path(path).name}]
     if not runs:
         raise SystemExit("no svi-*.json results to report")
     runs.sort(key=lambda r: r["started"])
@@ -550,19 +560,30 @@ def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
 
 
 def report(runs: list[dict[str, Any]], out: Path) -> str:
-    """Writes ``svi.md`` and ``svi.png`` from the runs (later runs win) and returns the text."""
+    """Writes ``svi.md`` and ``svi.png`` from the runs (later runs win) and returns the text.
+
+    The records shown go to ``svi.json`` (runs without a shown record are left out), from which
+    ``--report`` renders the same files again.
+    """
     records: dict[tuple[str, str, int], dict[str, Any]] = {}
     truth: dict[str, Any] = {}
     for run_ in runs:
         for r in run_["records"]:
             records[r["target"], r["guide"], r["seed"]] = r
         truth.update(run_["truth"])
+    shown_runs = []
+    for run_ in runs:
+        shown = [r for r in run_["records"] if records[r["target"], r["guide"], r["seed"]] is r]
+        if shown:
+            shown_runs.append({**run_, "records": shown})
+    runs = shown_runs
     names = [t for t in TARGETS if t in truth]
     guides = [g for g in GUIDES if any(key[1] == g for key in records)]
     markdown = _markdown(runs, records, truth, names, guides)
     out.mkdir(parents=True, exist_ok=True)
     (out / "svi.md").write_text(markdown)
     _figure(records, truth, names, guides, out / "svi.png")
+    _save(out, None, {"runs": runs})
     return markdown
 
 
@@ -825,15 +846,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="*",
         type=Path,
         metavar="JSON",
-        help="combine these results (default: every svi-*.json in --out) into svi.md and "
-        "svi.png, without running anything",
+        help="combine these results (default: svi.json and every svi-*.json in --out) into "
+        "svi.md and svi.png, without running anything",
     )
     args = parser.parse_args(argv)
     if args.out is None:
         quick_out = Path(tempfile.gettempdir()) / "pyro_mixflow-svi-quick"
         args.out = quick_out if args.quick else Path(__file__).parent / "results"
     if args.report is not None:
-        paths = args.report or sorted(args.out.glob("svi-*.json"))
+        paths = args.report or [
+            p for p in [args.out / "svi.json", *sorted(args.out.glob("svi-*.json"))] if p.exists()
+        ]
         print(report(load_results(paths), args.out))
         return 0
 

@@ -187,7 +187,9 @@ def test_invalid_arguments_raise():
 # Normalization
 
 
-@pytest.mark.parametrize("name", TOY_NAMES)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "pinwheel" else n for n in TOY_NAMES]
+)
 def test_density_integrates_to_one(name):
     xs, ys, log_p = _grid_log_prob(name)
     if name == "checkerboard":

@@ -23,11 +23,13 @@ def _run(args, tmp_path, env_extra=None):
     return out.stdout
 
 
+@pytest.mark.scripts
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
 def test_tutorial_runs_in_smoke_mode(path, tmp_path):
     _run([str(path)], tmp_path)
 
 
+@pytest.mark.scripts
 @pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
 def test_benchmark_runs_in_quick_mode(path, tmp_path):
     stdout = _run([str(path), "--quick", "--out", str(tmp_path)], tmp_path)
@@ -35,6 +37,7 @@ def test_benchmark_runs_in_quick_mode(path, tmp_path):
     assert list(tmp_path.glob("*.png")), "no figure written"
 
 
+@pytest.mark.scripts
 def test_density_seed_report_summarizes_seeds(tmp_path):
     """Two quick runs with different seeds; the summary's mean is the mean of their KLs."""
     import json
@@ -54,6 +57,7 @@ def test_density_seed_report_summarizes_seeds(tmp_path):
     assert f"8gaussians, GMM diag, EM + Adam (ours): 0: {kls[0]:.3f}, 1: {kls[1]:.3f}" in text
 
 
+@pytest.mark.scripts
 def test_density_rad_ablation_changes_the_model(tmp_path):
     """Each RAD ablation builds the RAD it names: plain MLPs 96 or 64 wide, no folds no gates."""
     import json
