@@ -290,6 +290,7 @@ def _exact_entropy_part(d, values, log_weights):
     return (log_weights.exp() * log_p).sum(-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "num_branches, stick_the_landing", [(1, False), (2, False), (3, True)], ids=str
 )

@@ -150,6 +150,7 @@ def test_rsample_gradient_is_unbiased_with_coincident_components():
     assert z.abs().max() < Z_THRESHOLD, z
 
 
+@pytest.mark.slow
 def test_rsample_gradient_is_unbiased_in_eight_dimensions():
     locs = (1.5 * torch.randn(5, 8, dtype=torch.float64)).requires_grad_()
     scales = (torch.rand(5, 8, dtype=torch.float64) + 0.4).requires_grad_()

@@ -76,6 +76,7 @@ def test_joint_density_integrates_to_one():
     torch.testing.assert_close(total, torch.tensor(1.0, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_relaxed_draws_match_the_relaxed_density():
     locs, scales, logits = _two_component_params()
     d = GumbelSoftmaxMixture(locs, scales, logits, temperature=TAU)

@@ -101,6 +101,7 @@ def test_gradients_reach_the_mixture_through_rsample():
     assert all(p.grad is not None for p in transform.parameters())
 
 
+@pytest.mark.slow
 def test_flow_gradient_is_unbiased_through_a_monotone_map():
     r"""E[exp(-y)] for y = exp(z) has no closed form, but E[f(exp(z))] = E[g(z)] with g = f∘exp:
     the flow's pathwise gradient must equal the base mixture's for the composed function."""

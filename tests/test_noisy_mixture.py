@@ -134,6 +134,7 @@ def jitter_reference():
     return x, torch.tensor([_jitter_reference(v, components) for v in x.tolist()], dtype=F64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("order", "tolerance"), [(8, 1e-4), (16, 1e-9), (48, 1e-10)])
 def test_jitter_quadrature_error_against_a_high_order_reference(order, tolerance, jitter_reference):
     """Absolute log-density error over the bulk and the tails (-4 .. 16, 81 points).
@@ -277,6 +278,7 @@ def test_has_rsample_is_honest():
         _noisy_1d("jitter").rsample()
 
 
+@pytest.mark.slow
 def test_rsample_gradient_is_unbiased():
     """Pathwise gradients of E[cos(a x + b)] against the closed form (additive, shift, errors)."""
     a, b = 0.7, 0.3
@@ -376,6 +378,7 @@ def _latent_with_errors(scales):
 # --- deconvolution ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_deconvolution_recovers_the_latent_components():
     """Extreme deconvolution recovers the components; plain EM on the same data is too wide.
 

@@ -73,7 +73,12 @@ def _importance_mass(flow, num_samples=200_000, scale=2.5):
 
 @pytest.mark.parametrize(
     ("elementwise", "state"),
-    [("spline", "random"), ("affine", "random"), ("none", "random"), ("spline", "trained")],
+    [
+        pytest.param("spline", "random", marks=pytest.mark.slow),
+        ("affine", "random"),
+        ("none", "random"),
+        pytest.param("spline", "trained", marks=pytest.mark.slow),
+    ],
 )
 def test_density_integrates_to_one_1d(elementwise, state):
     model = (
@@ -89,11 +94,11 @@ def test_density_integrates_to_one_1d(elementwise, state):
 @pytest.mark.parametrize(
     ("elementwise", "state", "network"),
     [
-        ("spline", "init", "residual"),
+        pytest.param("spline", "init", "residual", marks=pytest.mark.slow),
         ("spline", "random", "residual"),
         ("spline", "random", "mlp"),
         ("affine", "random", "residual"),
-        ("spline", "trained", "residual"),
+        pytest.param("spline", "trained", "residual", marks=pytest.mark.slow),
     ],
 )
 def test_density_integrates_to_one_2d(elementwise, state, network):
@@ -301,6 +306,7 @@ def test_density_is_continuous_across_fold_lines(continuous):
     assert jump < 1e-5 if continuous else jump > 1e-2, jump
 
 
+@pytest.mark.slow
 def test_fit_improves_and_state_dict_round_trip():
     gen = torch.Generator().manual_seed(0)
     data = torch.rand(1000, 2, generator=gen) * 4 - 2
@@ -395,6 +401,7 @@ def test_invalid_arguments():
         RAD(2, num_pieces=0)
 
 
+@pytest.mark.slow
 def test_stack_folds_in_its_middle_layers_by_default():
     """The first and last of 3+ layers do not fold (one piece, no gating network); a
     one-piece layer is the two splines alone (the fold is the identity, the gating 1)."""
@@ -416,6 +423,7 @@ def test_stack_folds_in_its_middle_layers_by_default():
     assert abs(mass - 1) < bound + 1e-9, (mass, bound)
 
 
+@pytest.mark.slow
 def test_discontinuous_gating_integrates_to_one():
     layers = [
         _randomize(RADCoupling(1, num_pieces=3, hidden_dims=(8,), continuous=False), std=0.3)

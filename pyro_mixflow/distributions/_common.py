@@ -8,17 +8,78 @@ import torch
 
 __all__ = [
     "HALF_LOG_2PI",
+    "NoClosedFormMixin",
     "batched_rowwise_matmul",
     "check_float_tensor",
     "check_locs_scales",
     "clamped_exp_",
     "expected_branch_log_prob",
     "logsumexp",
+    "logsumexp_above",
     "min_exponent",
     "take_component",
 ]
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class NoClosedFormMixin:
+    """``entropy``, ``cdf`` and ``icdf`` for multivariate distributions without closed forms.
+
+    torch's base class raises a bare ``NotImplementedError``; these say why and what to use
+    instead. Put the mixin first among the bases so that it overrides torch's methods.
+    ``cdf`` and ``icdf`` defer to the next base for ``event_shape ()`` (a flow over a
+    univariate base).
+    """
+
+    def entropy(self) -> torch.Tensor:
+        """Not available in closed form.
+
+        Raises:
+            NotImplementedError: Always, naming the Monte-Carlo estimate to use instead.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form entropy; estimate it with "
+            "-log_prob(sample((n,))).mean(0)"
+        )
+
+    def cdf(self, value: torch.Tensor) -> torch.Tensor:
+        """Defined only for ``event_shape ()``.
+
+        Args:
+            value: Points.
+
+        Returns:
+            The next base's ``cdf`` when ``event_shape`` is ``()``.
+
+        Raises:
+            NotImplementedError: For a multivariate ``event_shape``.
+        """
+        if not self.event_shape:
+            return super().cdf(value)
+        raise NotImplementedError(
+            f"{type(self).__name__} is multivariate (event_shape {tuple(self.event_shape)}) and "
+            "cdf is defined only for event_shape (); estimate P(X <= x) by counting sample() draws"
+        )
+
+    def icdf(self, value: torch.Tensor) -> torch.Tensor:
+        """Defined only for ``event_shape ()``.
+
+        Args:
+            value: Probabilities.
+
+        Returns:
+            The next base's ``icdf`` when ``event_shape`` is ``()``.
+
+        Raises:
+            NotImplementedError: For a multivariate ``event_shape``.
+        """
+        if not self.event_shape:
+            return super().icdf(value)
+        raise NotImplementedError(
+            f"{type(self).__name__} is multivariate (event_shape {tuple(self.event_shape)}) and "
+            "icdf is defined only for event_shape (); draw with sample() or rsample() instead"
+        )
 
 
 def expected_branch_log_prob(
@@ -100,12 +161,44 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
     return _LogSumExp.apply(x)
 
 
+def logsumexp_above(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``log sum_k exp(x_k - x_index)`` over the last dimension, for ``index`` the argmax.
+
+    The same terms as :func:`logsumexp` less the leading one, without ever adding and then
+    subtracting it: the result (in ``[0, log K]``) keeps its full relative precision when the
+    leading term is huge. ``index`` has shape ``(..., 1)``; rows whose leading term is not
+    finite give NaN. Twice differentiable.
+    """
+    return _LogSumExpAbove.apply(x, index)
+
+
+class _LogSumExpAbove(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index):
+        out = clamped_exp_(x - x.gather(-1, index)).sum(-1).log_()
+        ctx.save_for_backward(x, index, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, index, out = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        if torch.is_grad_enabled():  # differentiating the backward itself: no in-place ops
+            shifted = x - x.gather(-1, index) - out.unsqueeze(-1)
+            weights = shifted.clamp(min=min_exponent(x.dtype)).exp()
+            return grad * weights.scatter_add(-1, index, -torch.ones_like(grad)), None
+        weights = clamped_exp_((x - x.gather(-1, index)).sub_(out.unsqueeze(-1)))
+        return weights.scatter_add_(-1, index, -torch.ones_like(grad)).mul_(grad), None
+
+
 class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         top = x.amax(-1, keepdim=True)
-        top = top.masked_fill(~torch.isfinite(top), 0.0)
-        out = clamped_exp_(x - top).sum(-1).log_() + top.squeeze(-1)
+        shift = top.masked_fill(~torch.isfinite(top), 0.0)
+        out = clamped_exp_(x - shift).sum(-1).log_() + shift.squeeze(-1)
+        # A row of -inf sums to zero, not to K * tiny (the clamp above).
+        out.masked_fill_(top.squeeze(-1) == -math.inf, -math.inf)
         ctx.save_for_backward(x, out)
         return out
 

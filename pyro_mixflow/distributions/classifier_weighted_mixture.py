@@ -2,18 +2,19 @@ r"""Classifier weighted mixture: location-scale components with weights from a c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import Categorical, constraints
 
-from pyro_mixflow.distributions._common import HALF_LOG_2PI, check_locs_scales
+from pyro_mixflow.distributions._common import HALF_LOG_2PI, NoClosedFormMixin, check_locs_scales
 
 __all__ = ["ClassifierWeightedMixture"]
 
 
-class ClassifierWeightedMixture(TorchDistribution):
+class ClassifierWeightedMixture(NoClosedFormMixin, TorchDistribution):
     r"""Mixture whose weights are a classifier of the standardized point (CWM).
 
     With :math:`z_k = (x - \mu_k) / \sigma_k` and :math:`w = \operatorname{softmax}(f(z))`
@@ -160,10 +161,15 @@ class ClassifierWeightedMixture(TorchDistribution):
         """
         if self._validate_args:
             self._validate_sample(value)
-        z = (value.unsqueeze(-2) - self.locs) / self.scales  # [*S, *B, K, D]
-        log_w = self._logits(z).log_softmax(-1).diagonal(dim1=-2, dim2=-1)  # [*S, *B, K]
+        diff = value.unsqueeze(-2) - self.locs  # [*S, *B, K, D]
+        with torch.no_grad():  # components whose N(z_k; 0, I) underflows to 0
+            far = (diff / self.scales).square().sum(-1) == math.inf  # [*S, *B, K]
+        # The classifier sees 0 there, and no inf reaches it or the backward pass.
+        z = diff.masked_fill(far.unsqueeze(-1), 0.0) / self.scales
+        logits = self._logits(z.to(self.locs.dtype))  # the classifier's dtype, as `locs`
+        log_w = logits.log_softmax(-1).diagonal(dim1=-2, dim2=-1)  # [*S, *B, K]
         log_normal = (
-            -0.5 * z.square().sum(-1)
+            (-0.5 * z.square().sum(-1)).masked_fill(far, -math.inf)
             - self.scales.log().sum(-1)
             - self.event_shape[0] * HALF_LOG_2PI
         )  # [*S, *B, K]

@@ -2,6 +2,9 @@ r"""Exact mixture of diagonal Gaussians with a memory-lean density and exact pat
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import Categorical, constraints
@@ -9,11 +12,12 @@ from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_l
 
 from pyro_mixflow.distributions._common import (
     HALF_LOG_2PI,
+    NoClosedFormMixin,
     batched_rowwise_matmul,
     check_float_tensor,
     check_locs_scales,
     expected_branch_log_prob,
-    logsumexp,
+    logsumexp_above,
     take_component,
 )
 from pyro_mixflow.distributions._implicit import implicit_mixture_rsample
@@ -21,7 +25,7 @@ from pyro_mixflow.distributions._implicit import implicit_mixture_rsample
 __all__ = ["DiagNormalMixture"]
 
 
-class DiagNormalMixture(TorchDistribution):
+class DiagNormalMixture(NoClosedFormMixin, TorchDistribution):
     r"""Mixture of :math:`K` Gaussians with diagonal covariance in :math:`D` dimensions.
 
     .. math::
@@ -35,7 +39,10 @@ class DiagNormalMixture(TorchDistribution):
     and the components are combined with ``logsumexp``. The leading component of every point is
     then recomputed directly, which removes the cancellation error of the expansion from the
     term that dominates the sum (points near a component whose mean is large compared with its
-    scale).
+    scale). Where the expansion overflows (:math:`|x|` or :math:`1 / \sigma` near the square
+    root of the dtype's range), the points it fails on are recomputed in float64, directly if
+    need be: the result is the exact value rounded to the dtype, ``-inf`` where it underflows.
+    A value of another dtype is scored in torch's promoted dtype, as ``Normal.log_prob`` does.
 
     ``sample`` draws a component, then a Gaussian. ``rsample`` returns the same exact draws with
     an exact (unbiased) pathwise gradient: responsibilities carry the gradient to ``locs`` and
@@ -224,11 +231,24 @@ class DiagNormalMixture(TorchDistribution):
         """
         if self._validate_args:
             self._validate_sample(value)
-        log_joint = self._log_joint(value)  # [*S, *B, K]
-        top = log_joint.argmax(-1, keepdim=True).detach()  # [*S, *B, 1]
-        # Replace the expansion's value of the leading component with its direct computation.
-        exact_top = self._log_joint_of(value, top.squeeze(-1))  # [*S, *B]
-        return logsumexp(log_joint) + exact_top - log_joint.gather(-1, top).squeeze(-1)
+        dist, x = self._promoted(value)
+        weight, weight_ok = dist._expansion_weight()
+        out = dist._expanded_log_prob(x, weight)  # [*S, *B]
+        failed = out.isnan() | out.isposinf()  # the expansion's inf - inf
+        if not bool(failed.any() | ~weight_ok):
+            return out
+        if x.dtype != torch.float64:  # float64 holds the squares of every float32
+            return dist._to(torch.float64).log_prob(x.double()).to(x.dtype)
+        if weight_ok:  # zeros in the failed rows, so that no NaN reaches the backward pass
+            out = dist._expanded_log_prob(x.masked_fill(failed.unsqueeze(-1), 0.0), weight)
+        else:  # no row of the expansion is used, nor its graph
+            out, failed = out.detach(), torch.ones_like(failed)
+        log_joint = dist._direct_log_joint(x, failed)  # [M, K]
+        with torch.no_grad():
+            dead = (log_joint == -math.inf).all(-1, keepdim=True)  # [M, 1]
+        # Rows of -inf are summed as zeros (then set), so that their backward gives 0, not NaN.
+        direct = log_joint.masked_fill(dead, 0.0).logsumexp(-1).masked_fill(dead[:, 0], -math.inf)
+        return out.masked_scatter(failed, direct)
 
     def log_responsibilities(self, value: torch.Tensor) -> torch.Tensor:
         r"""Log posterior over components, :math:`\log p(k \mid x)`.
@@ -250,7 +270,27 @@ class DiagNormalMixture(TorchDistribution):
         """
         if self._validate_args:
             self._validate_sample(value)
-        return torch.log_softmax(self._log_joint(value), dim=-1)
+        dist, x = self._promoted(value)
+        weight, weight_ok = dist._expansion_weight()
+        out = torch.log_softmax(dist._log_joint(x, weight), dim=-1)  # [*S, *B, K]
+        failed = out.isnan().any(-1)  # the expansion's inf - inf
+        if not bool(failed.any() | ~weight_ok):
+            return out
+        if x.dtype != torch.float64:  # float64 holds the squares of every float32
+            return dist._to(torch.float64).log_responsibilities(x.double()).to(x.dtype)
+        if weight_ok:  # zeros in the failed rows, so that no NaN reaches the backward pass
+            safe = x.masked_fill(failed.unsqueeze(-1), 0.0)
+            out = torch.log_softmax(dist._log_joint(safe, weight), dim=-1)
+        else:  # no row of the expansion is used, nor its graph
+            out, failed = out.detach(), torch.ones_like(failed)
+        log_joint = dist._direct_log_joint(x, failed)  # [M, K]
+        if bool((log_joint == -math.inf).all(-1).any()):
+            raise ValueError(
+                "`value` is so far from every component that all their float64 log-densities "
+                "are -inf: log_responsibilities is undefined there"
+            )
+        mask = failed.unsqueeze(-1).expand_as(out)
+        return out.masked_scatter(mask, torch.log_softmax(log_joint, dim=-1))
 
     def rao_blackwell(
         self, sample_shape: torch.Size = torch.Size()
@@ -319,13 +359,26 @@ class DiagNormalMixture(TorchDistribution):
         second = (w * (self.scales.square() + self.locs.square())).sum(-2)
         return (second - self.mean.square()).clamp(min=0)
 
-    def _log_joint(self, value: torch.Tensor) -> torch.Tensor:
-        """Returns ``log pi_k + log N(value; mu_k, sigma_k)``, ``[*S, *B, K]``, by one matmul.
+    def _promoted(self, value: torch.Tensor) -> tuple[DiagNormalMixture, torch.Tensor]:
+        """This distribution and ``value`` in torch's promoted dtype (as ``Normal.log_prob``)."""
+        dtype = torch.promote_types(value.dtype, self.locs.dtype)
+        x = value.to(dtype).expand(torch.broadcast_shapes(value.shape, self._extended_shape()))
+        return (self if dtype == self.locs.dtype else self._to(dtype)), x
 
-        Features ``[x^2, x, 1]`` against rows ``[-sigma^-2 / 2, mu sigma^-2, c_k]``: the whole
-        log-joint is the product's output, the only ``[*S, *B, K]`` tensor autograd keeps.
+    def _to(self, dtype: torch.dtype) -> DiagNormalMixture:
+        """A shallow copy with the parameters cast to ``dtype`` (differentiably)."""
+        new = copy.copy(self)
+        for name in ("locs", "scales", "logits", "probs"):
+            if name in self.__dict__:
+                setattr(new, name, self.__dict__[name].to(dtype))
+        return new
+
+    def _expansion_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``[-sigma^-2 / 2, mu sigma^-2, c_k]`` of the expansion, ``[*B, K, 2D + 1]``.
+
+        Also returns whether the expansion is usable: no infinite precision or product (whose
+        derivative would turn into NaN in the backward pass) and no NaN or +inf constant.
         """
-        x = value.expand(torch.broadcast_shapes(value.shape, self._extended_shape()))
         precision = self.scales.pow(-2)  # [*B, K, D]
         constant = (
             self.logits
@@ -336,8 +389,53 @@ class DiagNormalMixture(TorchDistribution):
         weight = torch.cat(
             [-0.5 * precision, self.locs * precision, constant.unsqueeze(-1)], dim=-1
         )  # [*B, K, 2D + 1]
+        with torch.no_grad():
+            ok = weight[..., :-1].isfinite().all() & (constant < math.inf).all()
+        return weight, ok
+
+    def _log_joint(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Returns ``log pi_k + log N(x; mu_k, sigma_k)``, ``[*S, *B, K]``, by one matmul.
+
+        Features ``[x^2, x, 1]`` against the rows of :meth:`_expansion_weight`: the whole
+        log-joint is the product's output, the only ``[*S, *B, K]`` tensor autograd keeps.
+        """
         features = torch.cat([x.square(), x, torch.ones_like(x[..., :1])], dim=-1)
         return batched_rowwise_matmul(features, weight)
+
+    def _expanded_log_prob(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``log_prob`` by the expansion, its leading component recomputed directly.
+
+        The others enter relative to the leading one, so that the expansion's cancellation
+        error in the leading term (huge where ``mu^2 / sigma^2`` is) never meets the result.
+        """
+        log_joint = self._log_joint(x, weight)  # [*S, *B, K]
+        top = log_joint.argmax(-1, keepdim=True).detach()  # [*S, *B, 1]
+        exact_top = self._log_joint_of(x, top.squeeze(-1))  # [*S, *B]
+        return exact_top + logsumexp_above(log_joint, top)
+
+    def _direct_log_joint(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``log pi_k + log N(x; mu_k, sigma_k)``, directly, for the ``M`` rows in ``rows``.
+
+        ``rows`` is a mask ``[*S, *B]``; the result is ``[M, K]``, its memory ``O(MKD)``.
+
+        A square that overflows gives ``-inf`` (the true value's rounding). Its derivatives
+        (``z / sigma``, ``z^2 / sigma``) may overflow while the value does not: they are left
+        out, so that a component of weight zero turns no gradient into NaN.
+        """
+        num_components, dim = self.locs.shape[-2:]
+        batch = torch.arange(math.prod(self.batch_shape), device=x.device)
+        batch = batch.reshape(self.batch_shape).expand(rows.shape)[rows]  # [M]
+        locs = self.locs.reshape(-1, num_components, dim)[batch]  # [M, K, D]
+        scales = self.scales.reshape(-1, num_components, dim)[batch]
+        diff = x[rows].unsqueeze(-2) - locs  # [M, K, D]
+        with torch.no_grad():
+            z = diff / scales
+            half_square = (z * math.sqrt(0.5)).square().sum(-1)  # [M, K]
+            keep = ((z.square() + z.abs()) / scales).isfinite().all(-1) & half_square.isfinite()
+        z = diff.masked_fill(~keep.unsqueeze(-1), 0.0) / scales
+        half_square = torch.where(keep, (z * math.sqrt(0.5)).square().sum(-1), half_square)
+        logits = self.logits.reshape(-1, num_components)[batch]  # [M, K]
+        return logits - half_square - scales.log().sum(-1) - dim * HALF_LOG_2PI
 
     def _log_joint_of(self, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Returns ``log pi_k + log N(value; mu_k, sigma_k)`` for one component per point."""

@@ -16,7 +16,8 @@ class GumbelSoftmaxMixture(DiagNormalMixture):
     r"""A :class:`DiagNormalMixture` whose ``rsample`` is the Gumbel-softmax relaxation.
 
     The distribution (``log_prob``, ``sample``, ``mean``, ``variance``) is the exact mixture.
-    ``rsample`` follows the seed note's construction: relaxed one-hot weights
+    ``rsample`` relaxes the component index (Jang et al. 2017; Maddison et al. 2017) and
+    mixes the components' parameters with the relaxed one-hot weights
 
     .. math::
 
@@ -156,7 +157,7 @@ class GumbelSoftmaxMixture(DiagNormalMixture):
     def joint_log_prob(self, value: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
         r"""Log-density of the pair :math:`(z, c)` drawn by :meth:`rsample_with_weights`.
 
-        The Concrete density of the weights (the seed note's eq. 2, with respect to Lebesgue
+        The Concrete density of the weights (Maddison et al. 2017, with respect to Lebesgue
         measure on the first :math:`K-1` coordinates of the simplex) plus the conditional
         Gaussian:
 

@@ -9,13 +9,13 @@ from pyro.distributions import TransformedDistribution
 from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
 
-from pyro_mixflow.distributions._common import expected_branch_log_prob
+from pyro_mixflow.distributions._common import NoClosedFormMixin, expected_branch_log_prob
 from pyro_mixflow.transforms.nflows import NflowsTransform, is_nflows_transform
 
 __all__ = ["MixtureBaseFlow"]
 
 
-class MixtureBaseFlow(TransformedDistribution):
+class MixtureBaseFlow(NoClosedFormMixin, TransformedDistribution):
     r"""A normalizing flow :math:`x = g_L \circ \dots \circ g_1(z_0)` over a mixture base.
 
     .. math::

@@ -11,7 +11,12 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
-from pyro_mixflow.distributions._common import HALF_LOG_2PI, logsumexp, take_component
+from pyro_mixflow.distributions._common import (
+    HALF_LOG_2PI,
+    NoClosedFormMixin,
+    logsumexp,
+    take_component,
+)
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.noise import AdditiveNormal, IntegerShift, ScaleJitter
 
@@ -20,7 +25,7 @@ __all__ = ["AdditiveNormal", "IntegerShift", "NoisyMixture", "ScaleJitter"]
 NoiseModel = ScaleJitter | AdditiveNormal | IntegerShift
 
 
-class NoisyMixture(TorchDistribution):
+class NoisyMixture(NoClosedFormMixin, TorchDistribution):
     r"""A :class:`DiagNormalMixture` whose draws pass through an error process.
 
     A draw picks a component :math:`k \sim \pi`, then applies that component's errors, each
@@ -292,10 +297,10 @@ class NoisyMixture(TorchDistribution):
                 "rsample needs a noise model without ScaleJitter and with a shift shared by all "
                 "components; use sample()"
             )
-        locs, variance = self._gaussian_part()
-        y = DiagNormalMixture(
-            locs, variance.sqrt(), self.mixture.logits, validate_args=False
-        ).rsample(sample_shape)
+        locs, scale = self._gaussian_part()
+        y = DiagNormalMixture(locs, scale, self.mixture.logits, validate_args=False).rsample(
+            sample_shape
+        )
         if self.shift_low is not None:
             y = y + _sample_shift(self.shift_low[..., 0, :], self.shift_high[..., 0, :], y)
         return y
@@ -326,7 +331,7 @@ class NoisyMixture(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         x = value.unsqueeze(-2)  # [*S, *B, 1, D]
-        locs, base_var = self._gaussian_part()  # [*B, K, D]
+        locs, base_scale = self._gaussian_part()  # [*B, K, D]
         if self.jitter_scale is None:
             nodes = None
             terms = [(None, 0.0)]
@@ -349,13 +354,10 @@ class NoisyMixture(TorchDistribution):
                 inside = (self.shift_low <= c) & (c < self.shift_high)
                 log_q = log_q.masked_fill(~inside, -math.inf)
             for node, log_w in terms:
-                variance = base_var
+                scale = base_scale  # standard deviations: a variance under- or overflows sooner
                 if node is not None:
-                    variance = variance + (
-                        (self.mixture.scales + node * self.jitter_scale).square()
-                        - self.mixture.scales.square()
-                    )
-                term = -0.5 * (centred.square() / variance + variance.log()) - HALF_LOG_2PI + log_w
+                    scale = self._total_scale(self.mixture.scales + node * self.jitter_scale)
+                term = -0.5 * (centred / scale).square() - scale.log() - HALF_LOG_2PI + log_w
                 if log_q is not None:
                     term = term + log_q
                 log_marginal = term if log_marginal is None else torch.logaddexp(log_marginal, term)
@@ -373,7 +375,8 @@ class NoisyMixture(TorchDistribution):
         :math:`E(\sigma + J)^2 = \sigma^2 + 2 \sigma e \sqrt{2 / \pi} + e^2` and
         :math:`V c = ((h - l)^2 - 1) / 12`.
         """
-        locs, var = self._gaussian_part()
+        locs, scale = self._gaussian_part()
+        var = scale.square()
         if self.jitter_scale is not None:
             e, sigma = self.jitter_scale, self.mixture.scales
             var = var + 2 * math.sqrt(2 / math.pi) * sigma * e + e.square()
@@ -385,15 +388,22 @@ class NoisyMixture(TorchDistribution):
         return (second - self.mean.square()).clamp(min=0)
 
     def _gaussian_part(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Means ``mu + m`` and variances ``sigma^2 + s^2 + s_n^2`` without jitter or shift."""
+        """Means ``mu + m`` and scales ``(sigma^2 + s^2 + s_n^2)^(1/2)``, no jitter or shift."""
         locs = self.mixture.locs
-        variance = self.mixture.scales.square()
         if self.noise_loc is not None:
             locs = locs + self.noise_loc
-            variance = variance + self.noise_scale.square()
+        return locs, self._total_scale(self.mixture.scales)
+
+    def _total_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """``(scale^2 + s^2 + s_n^2)^(1/2)`` by ``hypot``, which neither under- nor overflows.
+
+        ``scale`` is positive, so that no ``hypot(0, 0)`` (NaN derivative) occurs.
+        """
+        if self.noise_scale is not None:
+            scale = torch.hypot(scale, self.noise_scale)
         if self.observation_scales is not None:
-            variance = variance + self.observation_scales.unsqueeze(-2).square()
-        return locs, variance
+            scale = torch.hypot(scale, self.observation_scales.unsqueeze(-2))
+        return scale
 
     def _component_means(self) -> torch.Tensor:
         locs, _ = self._gaussian_part()

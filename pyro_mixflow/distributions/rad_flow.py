@@ -9,12 +9,13 @@ from pyro.distributions import Independent, Normal, TorchDistribution
 from torch.distributions import Distribution, Transform, constraints
 from torch.distributions.utils import _sum_rightmost
 
+from pyro_mixflow.distributions._common import NoClosedFormMixin
 from pyro_mixflow.transforms.rad import RADCoupling
 
 __all__ = ["RADFlow"]
 
 
-class RADFlow(TorchDistribution):
+class RADFlow(NoClosedFormMixin, TorchDistribution):
     r"""A real-and-discrete (RAD) flow: piecewise-invertible folding layers over a base.
 
     ``transforms`` run from the base to the data, as in ``TransformedDistribution``: each is a
