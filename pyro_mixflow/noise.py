@@ -88,7 +88,9 @@ class IntegerShift:
         return f"IntegerShift(low: {tuple(self.low.shape)}, high: {tuple(self.high.shape)})"
 
 
-def _as_float(name: str, owner: str, value, reference: torch.Tensor | None = None) -> torch.Tensor:
+def _as_float(
+    name: str, owner: str, value: object, reference: torch.Tensor | None = None
+) -> torch.Tensor:
     if isinstance(value, bool) or not isinstance(value, torch.Tensor | float | int):
         raise TypeError(f"{owner}: `{name}` must be a tensor or a number, got {type(value)}")
     if isinstance(value, torch.Tensor):
@@ -100,7 +102,7 @@ def _as_float(name: str, owner: str, value, reference: torch.Tensor | None = Non
     return torch.tensor(float(value), dtype=torch.get_default_dtype())
 
 
-def _non_negative(name: str, owner: str, value) -> torch.Tensor:
+def _non_negative(name: str, owner: str, value: object) -> torch.Tensor:
     value = _as_float(name, owner, value)
     if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
         raise ValueError(
@@ -110,7 +112,7 @@ def _non_negative(name: str, owner: str, value) -> torch.Tensor:
     return value
 
 
-def _integers(name: str, value) -> torch.Tensor:
+def _integers(name: str, value: object) -> torch.Tensor:
     if isinstance(value, bool):
         raise TypeError(f"IntegerShift: `{name}` must be integers, got bool")
     if isinstance(value, int):

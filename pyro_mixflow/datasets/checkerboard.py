@@ -47,14 +47,16 @@ class Checkerboard(Density2D):
         """The board :math:`[-4, 4]^2`, which holds all the mass."""
         return ((-4.0, 4.0), (-4.0, 4.0))
 
-    def _sample(self, num_samples, generator, device):
+    def _sample(
+        self, num_samples: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         kwargs = {"generator": generator, "dtype": torch.float64, "device": device}
         u1 = 4 * torch.rand(num_samples, **kwargs) - 2
         coin = torch.randint(2, (num_samples,), generator=generator, device=device)
         u2 = torch.rand(num_samples, **kwargs) - 2 * coin + torch.remainder(u1.floor(), 2)
         return 2 * torch.stack([u1, u2], dim=-1)
 
-    def _log_prob(self, x):
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
         cells = torch.floor(x / 2)  # [N, 2], in {-2, -1, 0, 1} on the board
         on_board = ((x >= -4) & (x < 4)).all(-1)
         dark = torch.remainder(cells.sum(-1), 2) == 0

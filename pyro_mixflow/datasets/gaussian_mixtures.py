@@ -37,7 +37,9 @@ class _IsotropicGaussianMixture(Density2D):
         xs, ys = zip(*self.locs, strict=True)
         return ((min(xs) - margin, max(xs) + margin), (min(ys) - margin, max(ys) + margin))
 
-    def _sample(self, num_samples, generator, device):
+    def _sample(
+        self, num_samples: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         locs = torch.tensor(self.locs, dtype=torch.float64, device=device)  # [K, 2]
         index = torch.randint(
             self.num_components, (num_samples,), generator=generator, device=device
@@ -45,7 +47,7 @@ class _IsotropicGaussianMixture(Density2D):
         noise = torch.randn(num_samples, 2, generator=generator, dtype=torch.float64, device=device)
         return locs[index] + self.scale * noise
 
-    def _log_prob(self, x):
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
         locs = torch.tensor(self.locs, dtype=x.dtype, device=x.device)  # [K, 2]
         sq_dist = (x.unsqueeze(-2) - locs).square().sum(-1)  # [N, K]
         log_norm = math.log(self.num_components) + LOG_2PI + 2 * math.log(self.scale)

@@ -113,7 +113,9 @@ class ImageDensity(Density2D):
         """
         return -self.entropy()
 
-    def _sample(self, num_samples, generator, device):
+    def _sample(
+        self, num_samples: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         height, width = self.shape
         probs = self.probs.to(device).reshape(-1)
         if num_samples == 0:
@@ -123,7 +125,7 @@ class ImageDensity(Density2D):
         u = torch.rand(num_samples, 2, generator=generator, dtype=torch.float64, device=device)
         return torch.stack([(col + u[:, 0]) / width, 1 - (row + u[:, 1]) / height], dim=-1)
 
-    def _log_prob(self, x):
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.shape
         probs = self.probs.to(device=x.device, dtype=x.dtype)
         inside = ((x >= 0) & (x <= 1)).all(-1)

@@ -77,7 +77,9 @@ class TwoMoons(Density2D):
         margin = 6 * self.scale
         return ((-3.0 - margin, 3.0 + margin), (-1.2 - margin, 1.8 + margin))
 
-    def _sample(self, num_samples, generator, device):
+    def _sample(
+        self, num_samples: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         kwargs = {"generator": generator, "dtype": torch.float64, "device": device}
         centers = torch.tensor(self.centers, dtype=torch.float64, device=device)
         starts = torch.tensor(self.start_angles, dtype=torch.float64, device=device)
@@ -86,7 +88,7 @@ class TwoMoons(Density2D):
         arc = centers[moon] + self.radius * torch.stack([angle.cos(), angle.sin()], dim=-1)
         return arc + self.scale * torch.randn(num_samples, 2, **kwargs)
 
-    def _log_prob(self, x):
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
         log_moons = [
             _log_half_circle(x - torch.tensor(c, dtype=x.dtype, device=x.device), a, self)
             for c, a in zip(self.centers, self.start_angles, strict=True)

@@ -3,6 +3,7 @@ r"""The ``pinwheel`` benchmark: five Gaussian blobs bent into spiral arms (Johns
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -96,7 +97,9 @@ class Pinwheel(Density2D):
         edge = 2 * math.hypot(1 + 6 * _RADIAL_STD, 6 * _TANGENTIAL_STD)
         return ((-edge, edge), (-edge, edge))
 
-    def _sample(self, num_samples, generator, device):
+    def _sample(
+        self, num_samples: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         kwargs = {"generator": generator, "dtype": torch.float64, "device": device}
         arm = torch.randint(_NUM_ARMS, (num_samples,), generator=generator, device=device)
         noise = torch.randn(num_samples, 2, **kwargs)
@@ -105,7 +108,7 @@ class Pinwheel(Density2D):
         cos, sin = angle.cos(), angle.sin()
         return 2 * torch.stack([f1 * cos + f2 * sin, -f1 * sin + f2 * cos], dim=-1)
 
-    def _log_prob(self, x):
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
         rho = x.norm(dim=-1) / 2  # [N]
         psi = torch.atan2(x[:, 1], x[:, 0])
         lo, hi, increasing, folded = _monotone_pieces(rho)  # [N, 2] each, folded [N]
@@ -243,7 +246,13 @@ def _solve(
     return _find_root(shifted, lo, hi, increasing=increasing)
 
 
-def _find_root(fn, lo, hi, *, increasing) -> torch.Tensor:
+def _find_root(
+    fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    *,
+    increasing: bool | torch.Tensor,
+) -> torch.Tensor:
     """Root of ``fn(beta) -> (value, slope)``, monotone with a sign change on ``[lo, hi]``.
 
     Newton's method safeguarded as in Numerical Recipes' ``rtsafe``: a step that would leave

@@ -60,7 +60,9 @@ class Rings(Density2D):
         edge = max(self.radii) + 6 * self.scale
         return ((-edge, edge), (-edge, edge))
 
-    def _sample(self, num_samples, generator, device):
+    def _sample(
+        self, num_samples: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         kwargs = {"generator": generator, "dtype": torch.float64, "device": device}
         radii = torch.tensor(self.radii, dtype=torch.float64, device=device)
         index = torch.randint(len(self.radii), (num_samples,), generator=generator, device=device)
@@ -68,7 +70,7 @@ class Rings(Density2D):
         circle = torch.stack([angle.cos(), angle.sin()], dim=-1) * radii[index].unsqueeze(-1)
         return circle + self.scale * torch.randn(num_samples, 2, **kwargs)
 
-    def _log_prob(self, x):
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
         radii = torch.tensor(self.radii, dtype=x.dtype, device=x.device)  # [K]
         rho = x.norm(dim=-1, keepdim=True)  # [N, 1]
         var = self.scale**2

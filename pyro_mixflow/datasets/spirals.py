@@ -88,7 +88,9 @@ class TwoSpirals(Density2D):
         reach_y = (np.abs(s * np.sin(s)).max() + 0.5) / 3 + 6 * _SCALE
         return ((-reach_x, reach_x), (-reach_y, reach_y))
 
-    def _sample(self, num_samples, generator, device):
+    def _sample(
+        self, num_samples: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         kwargs = {"generator": generator, "dtype": torch.float64, "device": device}
         s = _END * torch.rand(num_samples, **kwargs).sqrt()
         curve = torch.stack([-s * s.cos(), s * s.sin()], dim=-1)
@@ -96,7 +98,7 @@ class TwoSpirals(Density2D):
         sign = 2.0 * torch.randint(2, (num_samples, 1), generator=generator, device=device) - 1
         return sign * (curve + jitter) / 3 + _SCALE * torch.randn(num_samples, 2, **kwargs)
 
-    def _log_prob(self, x):
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
         rule = _arm_rule(_NUM_PANELS, _NODES_PER_PANEL, _SPLIT, _FINE_NODES, x.dtype, x.device)
         out = _log_both_arms(x, rule, fine=False)
         far = out < _REFINE_BELOW

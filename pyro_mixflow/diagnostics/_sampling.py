@@ -11,6 +11,7 @@ from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.infer.util import plate_log_prob_sum
 from pyro.nn import PyroModule
+from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 __all__ = ["GuideDraws", "check_distinct_parameters", "draw_guide"]
@@ -135,7 +136,7 @@ def check_distinct_parameters(guides: list, argument: str) -> None:
         seen[name] = i
 
 
-def _probe(model: Callable, guide: Callable, args: tuple, kwargs: dict):
+def _probe(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
     """One unvectorized run of the guide and of the model replayed on it (sets the guide up)."""
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -145,7 +146,7 @@ def _probe(model: Callable, guide: Callable, args: tuple, kwargs: dict):
     return prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
 
 
-def _max_plate_nesting(*traces) -> int:
+def _max_plate_nesting(*traces: Trace) -> int:
     dims = [
         frame.dim
         for trace in traces
@@ -157,7 +158,7 @@ def _max_plate_nesting(*traces) -> int:
     return -min(dims) if dims else 0
 
 
-def _latent_sites(model_trace) -> dict[str, dict]:
+def _latent_sites(model_trace: Trace) -> dict[str, dict]:
     """Latent and deterministic sample sites of the model: shape and dim names per site."""
     sites = {}
     for name, site in model_trace.nodes.items():
@@ -194,4 +195,3 @@ def _per_draw(value: torch.Tensor, size: int, site: dict, name: str) -> torch.Te
             f"shapes that broadcast on the left), and is `max_plate_nesting` large enough?"
         )
     return value.reshape((size, *shape))
-

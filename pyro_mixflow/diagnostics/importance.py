@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -157,11 +158,11 @@ class ImportanceDiagnostics:
 def importance_diagnostics(
     model: Callable,
     guide: Callable,
-    *args,
+    *args: Any,
     num_samples: int = 1000,
     max_plate_nesting: int | None = None,
     chunk_size: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> ImportanceDiagnostics:
     r"""Pareto :math:`\hat k`, ESS and :math:`\log \hat Z` of ``guide`` against ``model``.
 

@@ -17,11 +17,11 @@ __all__ = ["to_inference_data"]
 def to_inference_data(
     model: Callable,
     guide: Callable | Sequence[Callable],
-    *args,
+    *args: Any,
     num_samples: int = 1000,
     max_plate_nesting: int | None = None,
     chunk_size: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> Any:
     r"""Draws of ``guide`` as ArviZ data, for ``az.summary``, ``az.plot_pair`` and friends.
 
@@ -97,8 +97,7 @@ def to_inference_data(
                 f"`guide[{i}]` gives latent sites {shapes}, but `guide[0]` gives {expected}"
             )
     posterior = {
-        name: torch.stack([c.latents[name] for c in chains]).cpu().numpy()
-        for name in first.latents
+        name: torch.stack([c.latents[name] for c in chains]).cpu().numpy() for name in first.latents
     }
     sample_stats = {
         "lp": torch.stack([c.log_joint for c in chains]).cpu().numpy(),

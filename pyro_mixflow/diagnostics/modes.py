@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -112,13 +113,13 @@ class ModeShares:
 def mode_shares(
     model: Callable,
     guide: Callable,
-    *args,
+    *args: Any,
     modes: torch.Tensor,
     sites: Sequence[str] | None = None,
     num_samples: int = 1000,
     max_plate_nesting: int | None = None,
     chunk_size: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> ModeShares:
     r"""Share of ``guide``'s draws nearest to each of ``modes`` (see :class:`ModeShares`).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pyro_mixflow.diagnostics._sampling import check_distinct_parameters
 from pyro_mixflow.diagnostics.importance import ImportanceDiagnostics, importance_diagnostics
@@ -184,13 +185,13 @@ class RestartComparison:
 def compare_restarts(
     model: Callable,
     guides: Sequence[Callable | ImportanceDiagnostics],
-    *args,
+    *args: Any,
     num_samples: int = 1000,
     max_plate_nesting: int | None = None,
     chunk_size: int | None = None,
     z_threshold: float = 4.0,
     min_gap: float = 0.05,
-    **kwargs,
+    **kwargs: Any,
 ) -> RestartComparison:
     r"""Compare the log-evidence of independently trained guides to find missed posterior mass.
 
@@ -256,9 +257,7 @@ def compare_restarts(
         )
         for g in guides
     ]
-    return RestartComparison.from_diagnostics(
-        diagnostics, z_threshold=z_threshold, min_gap=min_gap
-    )
+    return RestartComparison.from_diagnostics(diagnostics, z_threshold=z_threshold, min_gap=min_gap)
 
 
 def _join(indices: list[int]) -> str:

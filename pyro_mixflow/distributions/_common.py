@@ -3,6 +3,7 @@ r"""Helpers shared by the distributions of this package (private)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ def expected_branch_log_prob(
     return (log_weights.exp() * log_prob).sum(-1)
 
 
-def check_locs_scales(locs, scales) -> torch.Size:
+def check_locs_scales(locs: object, scales: object) -> torch.Size:
     """Checks ``locs`` and ``scales`` of shape ``(*batch, K, D)``; returns their broadcast shape."""
     for name, t in (("locs", locs), ("scales", scales)):
         check_float_tensor(name, t, locs)
@@ -105,7 +106,7 @@ def check_locs_scales(locs, scales) -> torch.Size:
         ) from None
 
 
-def check_float_tensor(name: str, value, reference: torch.Tensor) -> None:
+def check_float_tensor(name: str, value: object, reference: object) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
@@ -174,13 +175,13 @@ def logsumexp_above(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 class _LogSumExpAbove(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, index):
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         out = clamped_exp_(x - x.gather(-1, index)).sum(-1).log_()
         ctx.save_for_backward(x, index, out)
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         x, index, out = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
         if torch.is_grad_enabled():  # differentiating the backward itself: no in-place ops
@@ -193,7 +194,7 @@ class _LogSumExpAbove(torch.autograd.Function):
 
 class _LogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         top = x.amax(-1, keepdim=True)
         shift = top.masked_fill(~torch.isfinite(top), 0.0)
         out = clamped_exp_(x - shift).sum(-1).log_() + shift.squeeze(-1)
@@ -203,7 +204,7 @@ class _LogSumExp(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         x, out = ctx.saved_tensors
         if torch.is_grad_enabled():  # differentiating the backward itself: no in-place ops
             weights = (x - out.unsqueeze(-1)).clamp(min=min_exponent(x.dtype)).exp()

@@ -3,6 +3,7 @@ r"""Exact pathwise gradients of mixture-of-diagonal-Gaussian samples (private)."
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -57,13 +58,19 @@ def implicit_mixture_rsample(
 
 class _ImplicitMixtureSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, locs, scales, logits, value):
+    def forward(
+        ctx: Any,
+        locs: torch.Tensor,
+        scales: torch.Tensor,
+        logits: torch.Tensor,
+        value: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(locs, scales, logits, value)
         return value.clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         locs, scales, logits, value = ctx.saved_tensors
         batch_shape = locs.shape[:-2]
         num_components, dim = locs.shape[-2:]
@@ -92,7 +99,7 @@ class _ImplicitMixtureSample(torch.autograd.Function):
                 grad_logits,
             )
 
-        def unflatten(t):
+        def unflatten(t: torch.Tensor) -> torch.Tensor:
             return t.permute(1, 2, 0).reshape(locs.shape)
 
         need_locs, need_scales, need_logits = ctx.needs_input_grad[:3]
@@ -104,7 +111,16 @@ class _ImplicitMixtureSample(torch.autograd.Function):
         )
 
 
-def _accumulate_block(z, g, mu, sigma, log_pi, grad_locs, grad_scales, grad_logits):
+def _accumulate_block(
+    z: torch.Tensor,
+    g: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    log_pi: torch.Tensor,
+    grad_locs: torch.Tensor,
+    grad_scales: torch.Tensor,
+    grad_logits: torch.Tensor,
+) -> None:
     r"""Adds one block of samples' vector-Jacobian products to the three gradients.
 
     Forward over dimensions: the conditional weights :math:`w^{(d)} = \operatorname{softmax}(

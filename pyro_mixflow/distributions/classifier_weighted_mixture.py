@@ -93,7 +93,11 @@ class ClassifierWeightedMixture(NoClosedFormMixin, TorchDistribution):
             with torch.no_grad():
                 self._logits(locs.new_zeros(1, param_shape[-1]))
 
-    def expand(self, batch_shape, _instance=None):  # noqa: D102
+    def expand(  # noqa: D102
+        self,
+        batch_shape: torch.Size | tuple[int, ...],
+        _instance: ClassifierWeightedMixture | None = None,
+    ) -> ClassifierWeightedMixture:
         new = self._get_checked_instance(ClassifierWeightedMixture, _instance)
         batch_shape = torch.Size(batch_shape)
         new.locs = self.locs.expand(batch_shape + self.locs.shape[-2:])

@@ -134,7 +134,9 @@ class DiagNormalMixture(NoClosedFormMixin, TorchDistribution):
             self.probs = (probs / probs.sum(-1, keepdim=True)).expand(weights_shape)
         super().__init__(batch_shape, param_shape[-1:], validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):  # noqa: D102
+    def expand(  # noqa: D102
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: DiagNormalMixture | None = None
+    ) -> DiagNormalMixture:
         new = self._get_checked_instance(DiagNormalMixture, _instance)
         batch_shape = torch.Size(batch_shape)
         new.locs = self.locs.expand(batch_shape + self.locs.shape[-2:])

@@ -3,6 +3,7 @@ r"""Mixture of diagonal Gaussians reparameterized with the Gumbel-softmax relaxa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -93,7 +94,11 @@ class GumbelSoftmaxMixture(DiagNormalMixture):
         self.straight_through = bool(straight_through)
         super().__init__(locs, scales, logits, probs=probs, validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):  # noqa: D102
+    def expand(  # noqa: D102
+        self,
+        batch_shape: torch.Size | tuple[int, ...],
+        _instance: GumbelSoftmaxMixture | None = None,
+    ) -> GumbelSoftmaxMixture:
         new = self._get_checked_instance(GumbelSoftmaxMixture, _instance)
         new.temperature = self.temperature
         new.straight_through = self.straight_through
@@ -265,9 +270,9 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: the hard value exactly; backward: the gradient goes to the soft value."""
 
     @staticmethod
-    def forward(ctx, hard, soft):
+    def forward(ctx: Any, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         return hard.clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
         return None, grad

@@ -85,7 +85,9 @@ class MixtureBaseFlow(NoClosedFormMixin, TransformedDistribution):
     def has_rsample(self) -> bool:  # noqa: D102
         return self.base_dist.has_rsample
 
-    def expand(self, batch_shape, _instance=None):  # noqa: D102
+    def expand(  # noqa: D102
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: MixtureBaseFlow | None = None
+    ) -> MixtureBaseFlow:
         new = self._get_checked_instance(MixtureBaseFlow, _instance)
         return super().expand(batch_shape, _instance=new)
 

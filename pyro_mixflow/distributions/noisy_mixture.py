@@ -169,7 +169,9 @@ class NoisyMixture(NoClosedFormMixin, TorchDistribution):
         self.quadrature_order = quadrature_order
         super().__init__(batch_shape, locs.shape[-1:], validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):  # noqa: D102
+    def expand(  # noqa: D102
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: NoisyMixture | None = None
+    ) -> NoisyMixture:
         new = self._get_checked_instance(NoisyMixture, _instance)
         batch_shape = torch.Size(batch_shape)
         new.mixture = self.mixture.expand(batch_shape)
@@ -412,7 +414,7 @@ class NoisyMixture(NoClosedFormMixin, TorchDistribution):
         return locs
 
 
-def _noise_models(noise) -> dict[type, NoiseModel]:
+def _noise_models(noise: object) -> dict[type, NoiseModel]:
     """Checks ``noise`` and returns ``{model type: model}``."""
     if noise is None:
         return {}
@@ -452,7 +454,9 @@ def _sample_shift(low: torch.Tensor, high: torch.Tensor, like: torch.Tensor) -> 
     return torch.minimum((low + width * u).floor(), (high - 1).to(like.dtype)).detach()
 
 
-def _half_normal_quadrature(order: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+def _half_normal_quadrature(
+    order: int, dtype: torch.dtype, device: torch.device | str | None
+) -> tuple[torch.Tensor, ...]:
     r"""Gauss rule for :math:`|Z|`, :math:`Z \sim \mathcal{N}(0, 1)`: nodes and log-weights.
 
     :math:`E f(|Z|) \approx \sum_j w_j f(t_j)`. The weights are returned as logarithms taken

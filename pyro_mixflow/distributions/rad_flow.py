@@ -115,7 +115,9 @@ class RADFlow(NoClosedFormMixin, TorchDistribution):
         self._last_draw: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):  # noqa: D102
+    def expand(  # noqa: D102
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: RADFlow | None = None
+    ) -> RADFlow:
         new = self._get_checked_instance(RADFlow, _instance)
         batch_shape = torch.Size(batch_shape)
         new.transforms = self.transforms

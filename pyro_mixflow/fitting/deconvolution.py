@@ -167,7 +167,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Ten
     return torch.stack(centres)
 
 
-def _as_rows(name: str, value) -> tuple[torch.Tensor, torch.dtype]:
+def _as_rows(name: str, value: object) -> tuple[torch.Tensor, torch.dtype]:
     """``value`` as a finite float64 ``(N, D)`` tensor, and the dtype to return results in."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "iuf":

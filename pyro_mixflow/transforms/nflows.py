@@ -66,7 +66,7 @@ class NflowsTransform(TransformModule):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, transform: torch.nn.Module, *, context: torch.Tensor | None = None):
+    def __init__(self, transform: torch.nn.Module, *, context: torch.Tensor | None = None) -> None:
         if not is_nflows_transform(transform):
             name = type(transform).__name__
             raise TypeError(f"`transform` must be an nflows.transforms.Transform, got {name}")
@@ -122,7 +122,7 @@ class NflowsBase(_NflowsDistribution):
         (torch.Size([4]), torch.Size([5, 2]))
     """
 
-    def __init__(self, base: Distribution | torch.nn.Module):
+    def __init__(self, base: Distribution | torch.nn.Module) -> None:
         super().__init__()
         if not isinstance(base, Distribution | torch.nn.Module):
             raise TypeError(
@@ -134,17 +134,19 @@ class NflowsBase(_NflowsDistribution):
         """The base distribution at the current parameters."""
         return self.base() if isinstance(self.base, torch.nn.Module) else self.base
 
-    def _log_prob(self, inputs, context):
+    def _log_prob(self, inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         return self.distribution().log_prob(inputs)
 
-    def _sample(self, num_samples, context):
+    def _sample(self, num_samples: int, context: torch.Tensor | None) -> torch.Tensor:
         d = self.distribution()
         return d.rsample((num_samples,)) if d.has_rsample else d.sample((num_samples,))
 
-    def _sample_and_log_prob(self, num_samples, context):
+    def _sample_and_log_prob(
+        self, num_samples: int, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.distribution()
         x = d.rsample((num_samples,)) if d.has_rsample else d.sample((num_samples,))
         return x, d.log_prob(x)
 
-    def _mean(self, context):
+    def _mean(self, context: torch.Tensor | None) -> torch.Tensor:
         return self.distribution().mean

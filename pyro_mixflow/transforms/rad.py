@@ -345,7 +345,7 @@ class RADCoupling(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"`{name}` must have shape (..., {self.input_dim}), got {shape}")
 
-    def _conditioning(self, x_a: torch.Tensor):
+    def _conditioning(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Edges ``(..., d_b, K + 1)``, log-widths ``(..., d_b, K)``, map params."""
         d_b, num_pieces = len(self.folded), self.num_pieces
         out = self.conditioner(x_a).unflatten(-1, (d_b, num_pieces + self._map_size))
@@ -361,14 +361,18 @@ class RADCoupling(nn.Module):
         outside = x_b.abs() > self.bound
         return torch.where(outside, torch.full_like(inner, self.num_pieces), inner)
 
-    def _candidates(self, u, edges, log_widths) -> torch.Tensor:
+    def _candidates(
+        self, u: torch.Tensor, edges: torch.Tensor, log_widths: torch.Tensor
+    ) -> torch.Tensor:
         """The point of each piece that folds to ``u``: ``(..., d_b, K)``."""
         t = ((u.clamp(-self.bound, self.bound) + self.bound) / (2 * self.bound)).unsqueeze(-1)
         k = torch.arange(self.num_pieces, device=u.device)
         t = torch.where(k % 2 == 0, t, 1 - t)
         return edges[..., :-1] + log_widths.exp() * t
 
-    def _fold_log_weight(self, pieces, log_gate, log_widths) -> torch.Tensor:
+    def _fold_log_weight(
+        self, pieces: torch.Tensor, log_gate: torch.Tensor, log_widths: torch.Tensor
+    ) -> torch.Tensor:
         """``log p(k | u, x_a) + log|du / dx_b|`` of the pieces taken: ``(..., d_b)``."""
         inside = pieces < self.num_pieces
         k = pieces.clamp(max=self.num_pieces - 1).unsqueeze(-1)
@@ -376,7 +380,14 @@ class RADCoupling(nn.Module):
         log_slope = torch.where(inside, log_slope, torch.zeros_like(log_slope))
         return log_gate.gather(-1, pieces.unsqueeze(-1)).squeeze(-1) + log_slope
 
-    def _log_gating(self, u, x_a, edges, log_widths, candidates=None) -> torch.Tensor:
+    def _log_gating(
+        self,
+        u: torch.Tensor,
+        x_a: torch.Tensor,
+        edges: torch.Tensor,
+        log_widths: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         logits = log_widths
         if self.gate is not None:  # (one piece: nothing to choose)
             logits = logits + self._free_gating(u, x_a, edges, log_widths, candidates)
@@ -385,7 +396,14 @@ class RADCoupling(nn.Module):
         outer = torch.where(inside, -math.inf, 0.0).to(u.dtype)
         return torch.cat([inner, outer], -1)
 
-    def _free_gating(self, u, x_a, edges, log_widths, candidates) -> torch.Tensor:
+    def _free_gating(
+        self,
+        u: torch.Tensor,
+        x_a: torch.Tensor,
+        edges: torch.Tensor,
+        log_widths: torch.Tensor,
+        candidates: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The gating network's term (damped by ``rho(u)``), ``(..., d_b, K)``."""
         num_pieces = self.num_pieces
         if candidates is None:
@@ -407,7 +425,9 @@ class RADCoupling(nn.Module):
             free = free * (1 - edge).unsqueeze(-1)
         return free
 
-    def _elementwise(self, u, params, *, inverse: bool, pre: bool = False):
+    def _elementwise(
+        self, u: torch.Tensor, params: torch.Tensor, *, inverse: bool, pre: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The map after the fold (``pre=False``) or, for splines, the one before it."""
         if self.elementwise == "none" or (pre and self.elementwise != "spline"):
             return u, torch.zeros_like(u)
@@ -457,7 +477,7 @@ class _Conditioner(nn.Module):
         hidden_dims: tuple[int, ...],
         network: str,
         scale: float,
-    ):
+    ) -> None:
         super().__init__()
         self.in_features, self.scale = in_features, scale
         if in_features == 0:
