@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import pyro_mixflow
-from pyro_mixflow import _io
-from pyro_mixflow._io import MODELS, build_model, load_model, save_model
-from pyro_mixflow.cli import main
-from pyro_mixflow.nn import RAD
+import pyro_mixflow.io
+from pyro_mixflow.cli import files, main
+from pyro_mixflow.fitting import split_validation
+from pyro_mixflow.io import MODELS, build_model, load_model_file, save_model
 
 # Tiny, fast models: a few Adam steps, two components, narrow networks, one thread.
 FAST = ["--steps", "3", "--components", "2", "--threads", "1", "--no-progress"]
@@ -92,7 +92,7 @@ def test_fit_score_sample_round_trip(model, tmp_path, capsys):
     assert not _leftovers(tmp_path)
 
     # The file reloads with its configuration; score is that model's log_prob, exactly.
-    loaded = load_model(out)
+    loaded = load_model_file(out)
     assert loaded.name == model and loaded.input_dim == 2 and loaded.columns == ("a", "b")
     assert loaded.kwargs[MODELS[model].components] == 2
     if HIDDEN[model]:
@@ -115,61 +115,6 @@ def test_fit_score_sample_round_trip(model, tmp_path, capsys):
     assert _run(capsys, "sample", out, "-n", "7", "--seed", "3")[1] == printed
 
 
-def test_saved_models_reload_bit_identical(tmp_path):
-    x = torch.as_tensor(_data(), dtype=torch.float32)
-    for name in MODELS:
-        torch.manual_seed(1)
-        options = {MODELS[name].components: 3}
-        if MODELS[name].hidden_dims:
-            options[MODELS[name].hidden_dims] = (8, 8)
-        model, kwargs = build_model(name, 2, **options)
-        model.init_from_data(x)
-        with torch.no_grad():  # parameters off their initial values, as after training
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        save_model(tmp_path / f"{name}.pt", model, name, kwargs, columns=("u", "v"))
-        loaded = load_model(tmp_path / f"{name}.pt")
-        assert type(loaded.model) is type(model) and loaded.kwargs == kwargs
-        assert loaded.columns == ("u", "v") and not loaded.model.training
-        with torch.no_grad():
-            assert torch.equal(loaded.model().log_prob(x), model().log_prob(x)), name
-        # Every plain constructor argument is recorded, the defaults included.
-        assert kwargs["input_dim"] == 2 and len(kwargs) >= 3
-
-
-def test_model_file_from_before_an_added_argument_keeps_its_architecture(tmp_path):
-    """A RAD file written before ``network`` existed (plain MLPs) reloads as plain MLPs, not
-    with today's residual default; the same file with today's default would not fit."""
-    torch.manual_seed(0)
-    model, kwargs = build_model("rad", 2, num_pieces=2, hidden_dims=(8, 8), network="mlp")
-    del kwargs["network"]  # what such a file holds
-    save_model(tmp_path / "old.pt", model, "rad", kwargs)
-    loaded = load_model(tmp_path / "old.pt")
-    assert loaded.kwargs["network"] == "mlp"
-    x = torch.randn(20, 2)
-    with torch.no_grad():
-        assert torch.equal(loaded.model().log_prob(x), model().log_prob(x))
-    today = RAD(**kwargs)
-    with pytest.raises(RuntimeError, match="state_dict"):
-        today.load_state_dict(model.state_dict())
-
-
-def test_model_file_is_plain_and_safe_to_load(tmp_path):
-    model, kwargs = build_model("gmm", 2, num_components=2)
-    save_model(tmp_path / "m.pt", model, "gmm", kwargs, info={"note": "x"})
-    payload = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert payload["format"] == "pyro-mixflow-model" and payload["format_version"] == 1
-    assert payload["pyro_mixflow_version"] == pyro_mixflow.__version__
-    assert payload["model"] == "gmm" and payload["kwargs"] == kwargs
-    assert set(payload["state_dict"]) == set(model.state_dict())
-    with pytest.raises(TypeError, match=r"`activation` .* is not a plain value"):
-        save_model(tmp_path / "n.pt", model, "gmm", {**kwargs, "activation": torch.nn.Tanh})
-    with pytest.raises(TypeError, match=r"`activation` .* is not a plain value"):
-        build_model("cwm", 2, activation=torch.nn.ReLU)
-    with pytest.raises(ValueError, match=r"unknown model 'vae'; choose one of gmm, flow, cwm"):
-        build_model("vae", 2)
-
-
 def test_csv_with_and_without_header_and_npy_agree(tmp_path, capsys):
     x = _data()
     with_header = _csv(tmp_path / "h.csv", x, header="a,b")
@@ -177,7 +122,7 @@ def test_csv_with_and_without_header_and_npy_agree(tmp_path, capsys):
     array = tmp_path / "x.npy"
     np.save(array, x)
     model = _fit(capsys, tmp_path, plain)
-    assert load_model(model).columns is None
+    assert load_model_file(model).columns is None
     outputs = [_run(capsys, "score", model, path)[1] for path in (with_header, plain, array)]
     assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0].split()) == 120
     # No header in training data: none in samples either.
@@ -202,9 +147,9 @@ def test_score_checks_column_names_when_both_have_them(tmp_path, capsys):
 def test_fast_and_careful_csv_readers_agree(text, tmp_path):
     path = tmp_path / "x.csv"
     path.write_text(text, encoding="utf-8")
-    fast = _io._read_text_fast(path)
+    fast = files._read_text_fast(path)
     assert fast is not None
-    values, columns, _ = _io._read_text(path, "DATA")
+    values, columns, _ = files._read_text(path, "DATA")
     assert np.array_equal(fast[0], values) and fast[1] == columns
 
 
@@ -212,7 +157,7 @@ def test_one_dimensional_npy(tmp_path, capsys):
     array = tmp_path / "x.npy"
     np.save(array, _data(dim=1)[:, 0].astype(np.float32))
     model = _fit(capsys, tmp_path, array)
-    assert load_model(model).input_dim == 1
+    assert load_model_file(model).input_dim == 1
     status, printed, _ = _run(capsys, "sample", model, "-n", "4", "--seed", "0")
     assert status == 0 and np.loadtxt(printed.splitlines()).shape == (4,)
 
@@ -239,7 +184,7 @@ def test_sample_in_chunks_and_without_validation(tmp_path, capsys, monkeypatch):
     args = ["fit", data, "--model", "gmm", *FAST, "--validation", "0", "--out", model]
     status, printed, _ = _run(capsys, *args)
     assert status == 0 and "no validation" in printed and "on 120 rows" in printed
-    monkeypatch.setattr("pyro_mixflow.cli.CHUNK_ROWS", 4)
+    monkeypatch.setattr("pyro_mixflow.cli.commands.CHUNK_ROWS", 4)
     status, printed, _ = _run(capsys, "sample", model, "-n", "10", "--no-progress")
     assert status == 0 and np.loadtxt(printed.splitlines(), delimiter=",").shape == (10, 2)
 
@@ -342,9 +287,10 @@ class _Boom:
 
 
 def _bad_model_files(folder: Path) -> dict[str, tuple[Path, str]]:
-    model, kwargs = build_model("gmm", 2, num_components=2)
+    model = build_model("gmm", 2, num_components=2)
+    kwargs = pyro_mixflow.io.stored_arguments(model)
     good = folder / "good.pt"
-    save_model(good, model, "gmm", kwargs)
+    save_model(model, good)
     files = {}
 
     def variant(name: str, pattern: str, **changes) -> None:
@@ -416,6 +362,72 @@ def test_demo_bad_input(capsys):
         _one_line_error(capsys.readouterr().err, re.escape(message))
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".npy"])
+def test_score_names_a_row_whose_log_density_is_not_finite(suffix, tmp_path, capsys):
+    """-1e30 is finite data, but its log-density overflows float32: an error naming the row,
+    never a silent ``nan`` or ``-inf`` score."""
+    data = _csv(tmp_path / "data.csv", _data(), header="a,b")
+    model = _fit(capsys, tmp_path, data)
+    x = np.array([[0.0, 0.0], [1.0, -1.0], [-1e30, 0.0], [1e30, 1e30]])
+    if suffix == ".csv":
+        far, where = _csv(tmp_path / "far.csv", x, header="a,b"), "line 4"
+    else:
+        far, where = tmp_path / "far.npy", "index 2"
+        np.save(far, x)
+    out = tmp_path / "s.csv"
+    status, printed, err = _run(capsys, "score", model, far, "--out", out)
+    assert status == 2 and printed == "" and not out.exists()
+    pattern = rf"has 2 row\(s\) whose log-density under MODEL \S+ is not finite \(first: {where}, "
+    _one_line_error(err, rf"DATA \S*far{suffix} {pattern}")
+    status, printed, err = _run(capsys, "score", model, data)
+    assert status == 0 and np.isfinite(np.array(printed.split(), dtype=float)).all()
+
+
+def test_score_refuses_blank_lines_between_rows(tmp_path, capsys):
+    """One score per data row: a blank line inside the data would shift the scores against
+    the lines, so it is an error naming it; blank lines around the data are fine."""
+    model = _fit(capsys, tmp_path, _csv(tmp_path / "data.csv", _data(), header="a,b"))
+    for name, text, line in [
+        ("inner.csv", "a,b\n0,0\n1,1\n \n2,2\n", 4),
+        ("header.csv", "a,b\n\n0,0\n", 2),
+        ("crlf.csv", "0,0\r\n\r\n1,1\r\n", 2),
+        ("commas.csv", "\n0,0\n,\n1,1\n", 3),
+    ]:
+        status, printed, err = _run(capsys, "score", model, _write(tmp_path / name, text))
+        assert status == 2 and printed == "", name
+        pattern = rf"{name} line {line} is blank; remove blank lines between data rows"
+        _one_line_error(err, pattern)
+    edges = _write(tmp_path / "edges.csv", "\n \na,b\n0,0\n1,1\n\n\n")
+    status, printed, err = _run(capsys, "score", model, edges)
+    assert status == 0 and len(printed.split()) == 2, err
+    # `fit` has no output per row: it still skips blank lines.
+    _fit(capsys, tmp_path, _write(tmp_path / "gaps.csv", "0,0\n\n1,1\n\n0,1\n1,0\n"))
+
+
+def test_data_given_as_model_says_it_is_not_a_model_file(tmp_path, capsys):
+    data = _csv(tmp_path / "data.csv", _data(), header="a,b")
+    array = tmp_path / "x.npy"
+    np.save(array, _data())
+    for path, kind in [(data, "CSV text"), (array, "a .npy array")]:
+        for command in (["score", path, data], ["sample", path, "-n", "3"]):
+            status, printed, err = _run(capsys, *command)
+            assert status == 2 and printed == ""
+            _one_line_error(err, rf"MODEL \S+ is not a model file \(it looks like {kind}\); ")
+
+
+def test_fit_holds_out_the_rows_of_split_validation(tmp_path, capsys):
+    x = _data()
+    model = _fit(capsys, tmp_path, _csv(tmp_path / "data.csv", x), "gmm", "--seed", "4")
+    loaded = load_model_file(model)
+    rows = torch.as_tensor(x, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(4)
+    _, val = split_validation(rows, 0.1, generator=generator)
+    with torch.no_grad():
+        expected = loaded.model().log_prob(val).double().sum().item() / len(val)
+    assert loaded.info["validation_rows"] == 12
+    assert loaded.info["validation_log_lik"] == expected
+
+
 # --- Ctrl-C and failures: exit status, one line, no half-written output ---------------------
 
 
@@ -451,10 +463,10 @@ def test_ctrl_c_while_writing_keeps_the_old_file(target, tmp_path, capsys, monke
         raise KeyboardInterrupt
 
     if target == "model":
-        monkeypatch.setattr(_io.torch, "save", lambda obj, file: half_written(file))
+        monkeypatch.setattr(pyro_mixflow.io.torch, "save", lambda obj, file: half_written(file))
         command = ["fit", data, "--model", "gmm", *FAST, "--out", out]
     else:
-        monkeypatch.setattr(_io.np, "savetxt" if target == "csv" else "save", half_written)
+        monkeypatch.setattr(files.np, "savetxt" if target == "csv" else "save", half_written)
         command = ["score", model, data, "--out", out]
     status, _, err = _run(capsys, *command)
     assert status == 130 and err == INTERRUPTED
@@ -479,13 +491,13 @@ def test_closed_stdout_is_quiet(tmp_path, capsys, monkeypatch):
     def broken_pipe(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr("pyro_mixflow.cli.write_rows", broken_pipe)
+    monkeypatch.setattr("pyro_mixflow.cli.commands.write_rows", broken_pipe)
     status, _, err = _run(capsys, "sample", model, "-n", "3")
     assert status == 1 and err == ""
 
 
 def test_atomic_write_gives_normal_permissions(tmp_path):
-    with _io.atomic_write(tmp_path / "a" / "b.txt", text=True) as file:
+    with pyro_mixflow.io.atomic_write(tmp_path / "a" / "b.txt", text=True) as file:
         file.write("x")
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
@@ -510,6 +522,7 @@ def test_help_and_version(capsys):
     assert capsys.readouterr().out == f"pyro-mixflow {pyro_mixflow.__version__}\n"
 
 
+@pytest.mark.scripts
 def test_module_entry_point_fits_a_model(tmp_path):
     _csv(tmp_path / "data.csv", _data())
     env = {**os.environ, "PYTHONPATH": str(Path(pyro_mixflow.__file__).parents[1])}

@@ -505,10 +505,14 @@ def test_arviz_shim_one_x_path(monkeypatch):
         {"z": np.zeros((1, 3))}, sample_stats={"lp": np.zeros((1, 3))}, attrs={"a": 1}
     )
     assert out == "datatree"
-    assert calls["from_dict"] == (["posterior", "sample_stats"], None, {
-        "posterior": {"a": 1},
-        "sample_stats": {"a": 1},
-    })
+    assert calls["from_dict"] == (
+        ["posterior", "sample_stats"],
+        None,
+        {
+            "posterior": {"a": 1},
+            "sample_stats": {"a": 1},
+        },
+    )
 
 
 def _set_autoguide(guide, name, loc, scale):

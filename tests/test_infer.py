@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.infer.autoguide.initialization import init_to_mean, init_to_median
 from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_mixflow import DiagNormalMixture
@@ -23,6 +25,7 @@ from pyro_mixflow.infer import (
 )
 from pyro_mixflow.infer._auto_mixture import (
     _fit_without_stragglers,
+    _InitOptions,
     _tempered_start,
     _tempering_power,
 )
@@ -79,8 +82,8 @@ def _exact_elbo(guide, size=601, width=9.0):
     lower = (posterior.locs - width * posterior.scales).min(0).values.detach()
     upper = (posterior.locs + width * posterior.scales).max(0).values.detach()
     axes = [
-        torch.linspace(a, b, size, dtype=torch.float64)
-            for a, b in zip(lower, upper, strict=True)]
+        torch.linspace(a, b, size, dtype=torch.float64) for a, b in zip(lower, upper, strict=True)
+    ]
     u = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
     loc, log_scale = u[:, 0], u[:, 1]
     log_joint = (
@@ -94,6 +97,7 @@ def _exact_elbo(guide, size=601, width=9.0):
     return (log_q.exp() * (log_joint - log_q)).sum() * cell
 
 
+@pytest.mark.slow
 def test_rao_blackwell_gradient_is_unbiased():
     """The mean RB gradient equals the gradient of the ELBO computed by quadrature."""
     guide = _perturbed(AutoGaussianMixture(plated_model, num_components=3))
@@ -128,6 +132,7 @@ def test_enumerated_joint_density_would_be_wrong():
     assert 0 < gap <= -(log_weights[0].exp() * log_weights[0]).sum() + 1e-9
 
 
+@pytest.mark.slow
 def test_mixture_guide_finds_both_modes_with_the_right_shares():
     """A bimodal 1-D target (weights 0.3 / 0.7, log Z = 0): shares and ELBO after training."""
     target = DiagNormalMixture(
@@ -295,6 +300,7 @@ def _funnel_model():
     pyro.sample("x", dist.Normal(torch.zeros(9), scale).to_event(1))
 
 
+@pytest.mark.slow
 def test_default_guide_fits_neals_funnel():
     """10-D funnel (log Z = 0): the default guide's ELBO after 1500 steps. With components
     started on single far prior draws it ended below -0.9 after 3000 (benchmarks/svi.py)."""
@@ -316,8 +322,7 @@ def test_quantiles_of_gaussian_mixture_are_exact():
     for i, p in enumerate(probs):
         u = torch.stack([result["loc"][i], result["scale"][i].log()])  # unconstrained
         cdf = (
-            posterior.probs.unsqueeze(-1)
-            * dist.Normal(posterior.locs, posterior.scales).cdf(u)
+            posterior.probs.unsqueeze(-1) * dist.Normal(posterior.locs, posterior.scales).cdf(u)
         ).sum(0)
         assert torch.allclose(cdf, torch.tensor(p, dtype=cdf.dtype), atol=1e-9)
     median = guide.median()
@@ -408,3 +413,73 @@ def test_rad_flow_guide_needs_two_coordinates():
         AutoRADFlow(model)()
     with pytest.raises(ValueError, match="`network` must be one of"):
         AutoRADFlow(model, network="resnet")
+
+
+MIXTURE_GUIDES = [AutoGaussianMixture, AutoMixtureBaseFlow, AutoClassifierWeightedMixture]
+INVALID_INIT_OPTIONS = [
+    ({"init_scale": -1.0}, ValueError, "`init_scale` must be None or a positive number"),
+    ({"init_scale": True}, ValueError, "`init_scale` must be None or a positive number"),
+    ({"init_ess": 0.0}, ValueError, r"`init_ess` must be a number in \(0, 1\)"),
+    ({"init_ess": 1.0}, ValueError, r"`init_ess` must be a number in \(0, 1\)"),
+    ({"init_spread": -1.0}, ValueError, "`init_spread` must be a non-negative number"),
+    ({"quantile_samples": 0}, ValueError, "`quantile_samples` must be a positive integer"),
+    ({"init_loc_fn": 3}, TypeError, "`init_loc_fn` must be callable, got int"),
+]
+
+
+@pytest.mark.parametrize("cls", MIXTURE_GUIDES)
+@pytest.mark.parametrize(("kwargs", "error", "match"), INVALID_INIT_OPTIONS)
+def test_every_mixture_guide_checks_its_init_options(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(plated_model, **kwargs)
+
+
+@pytest.mark.parametrize("cls", MIXTURE_GUIDES)
+def test_every_mixture_guide_validates_its_init_options_once(cls, monkeypatch):
+    checks = []
+    check = _InitOptions.__post_init__
+    monkeypatch.setattr(_InitOptions, "__post_init__", lambda self: checks.append(check(self)))
+    guide = cls(plated_model, init_loc_fn=init_to_mean, init_scale=2, init_ess=0.2)
+    assert len(checks) == 1
+    assert guide._init_options == _InitOptions(init_to_mean, 2.0, 1.0, 0.2, 10000)
+
+
+@pytest.mark.parametrize("cls", MIXTURE_GUIDES)
+def test_mixture_guide_defaults_are_the_documented_ones(cls):
+    """16 components for every mixture guide; the init options' defaults as documented."""
+    assert inspect.signature(cls).parameters["num_components"].default == 16
+    guide = cls(plated_model)
+    assert guide._init_options == _InitOptions()
+    assert _InitOptions() == _InitOptions(init_to_median, None, 1.0, 0.1, 10000)
+    documented = inspect.getdoc(AutoGaussianMixture)
+    for field, default in [
+        ("init_loc_fn", "init_to_median"),
+        ("init_scale", "None"),
+        ("init_spread", "1.0"),
+        ("init_ess", "0.1"),
+        ("quantile_samples", "10000"),
+    ]:
+        assert f"``{field}`` (``{default}``)" in documented
+
+
+@pytest.mark.parametrize("cls", MIXTURE_GUIDES)
+def test_mixture_guides_reject_unknown_options_by_name(cls):
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\) got an unexpected keyword argument"):
+        cls(plated_model, init_spred=1.0)
+
+
+def test_rad_flow_guide_checks_the_shared_options():
+    with pytest.raises(ValueError, match="`quantile_samples` must be a positive integer"):
+        AutoRADFlow(plated_model, quantile_samples=0)
+    with pytest.raises(TypeError, match="`init_loc_fn` must be callable"):
+        AutoRADFlow(plated_model, init_loc_fn=None)
+
+
+@pytest.mark.parametrize("cls", [AutoGaussianMixture, AutoMixtureBaseFlow])
+def test_guides_build_the_chosen_estimator(cls):
+    guide = cls(plated_model, num_components=2, estimator="straight_through", temperature=0.3)
+    guide(DATA)
+    posterior = guide.get_posterior()
+    base = getattr(posterior, "base_dist", posterior)
+    assert type(base).__name__ == "GumbelSoftmaxMixture"
+    assert base.straight_through and base.temperature == 0.3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from pyro_mixflow import DiagNormalMixture, GumbelSoftmaxMixture, MixtureBaseFlow
-from pyro_mixflow.nn import GMM, MixtureFlow
+from pyro_mixflow.io import load_model, save_model
+from pyro_mixflow.nn import CWM, GMM, MixtureFlow
 
 
 def _data(n=600, dtype=torch.float64):
@@ -30,7 +32,12 @@ def test_gmm_em_initialization_equals_scikit_learn():
 
 
 @pytest.mark.parametrize(
-    "estimator,cls", [("exact", DiagNormalMixture), ("gumbel", GumbelSoftmaxMixture)]
+    "estimator,cls",
+    [
+        ("exact", DiagNormalMixture),
+        ("gumbel_softmax", GumbelSoftmaxMixture),
+        ("straight_through", GumbelSoftmaxMixture),
+    ],
 )
 def test_gmm_returns_a_fresh_distribution(estimator, cls):
     model = GMM(3, 4, estimator=estimator)
@@ -122,3 +129,65 @@ def test_bad_arguments():
         MixtureFlow(2, hidden_dims=(8, 16))
     with pytest.raises(ValueError, match=r"`data` must have shape \(N, 2\)"):
         MixtureFlow(2).init_from_data(torch.zeros(5, 3))
+
+
+def test_gmm_old_estimator_spelling_warns_and_means_gumbel_softmax():
+    with pytest.warns(
+        DeprecationWarning, match=r"`estimator='gumbel'` is deprecated.*'gumbel_softmax'"
+    ):
+        model = GMM(2, 3, estimator="gumbel")
+    assert model.estimator == "gumbel_softmax"
+    d = model()
+    assert type(d) is GumbelSoftmaxMixture and not d.straight_through
+    with pytest.warns(DeprecationWarning, match="`estimator='gumbel'` is deprecated"):
+        flow = MixtureFlow(2, num_components=3, num_transforms=1, estimator="gumbel")
+    assert flow.base.estimator == "gumbel_softmax"
+
+
+def test_model_file_with_the_old_estimator_spelling_still_loads(tmp_path):
+    """Files saved by the command line hold ``estimator`` as a constructor argument."""
+    model = GMM(2, num_components=2, estimator="gumbel_softmax")
+    save_model(model, tmp_path / "old.pt")
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert payload["kwargs"]["estimator"] == "gumbel_softmax"
+    payload["kwargs"]["estimator"] = "gumbel"  # as files saved before the rename hold it
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.warns(DeprecationWarning, match="`estimator='gumbel'` is deprecated"):
+        loaded = load_model(tmp_path / "old.pt")
+    assert loaded.estimator == "gumbel_softmax"
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded().log_prob(x), model().log_prob(x))
+
+
+def test_gmm_validates_the_temperature():
+    with pytest.raises(ValueError, match=r"^`temperature` must be a positive number, got 0$"):
+        GMM(2, estimator="gumbel_softmax", temperature=0)
+
+
+@pytest.mark.parametrize(
+    ("cls", "defaults"),
+    [
+        (GMM, {"num_components": 50, "estimator": "exact", "temperature": 0.5}),
+        (MixtureFlow, {"num_components": 50, "estimator": "exact"}),
+        (CWM, {"num_components": 50, "hidden_dims": (64, 64), "activation": torch.nn.Tanh}),
+    ],
+)
+def test_density_model_defaults_are_the_documented_ones(cls, defaults):
+    """50 components (the density benchmark's), CWM's classifier as the benchmark measured it."""
+    parameters = inspect.signature(cls).parameters
+    assert {name: parameters[name].default for name in defaults} == defaults
+    assert "50" in _arg_doc(cls, "num_components")
+
+
+def _arg_doc(cls, name):
+    """The text of argument ``name`` in the ``Args:`` section of ``cls``'s docstring."""
+    lines = inspect.getdoc(cls).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    entry = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+            break
+        entry.append(line)
+    return " ".join(entry)

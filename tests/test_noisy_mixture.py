@@ -11,13 +11,13 @@ from pyro.distributions.testing.gof import auto_goodness_of_fit
 from scipy import integrate, stats
 
 from pyro_mixflow import DiagNormalMixture
-from pyro_mixflow.fitting import deconvolve
 from pyro_mixflow.distributions.noisy_mixture import (
     AdditiveNormal,
     IntegerShift,
     NoisyMixture,
     ScaleJitter,
 )
+from pyro_mixflow.fitting import deconvolve
 from tests.conftest import Z_THRESHOLD, standard_error_z
 
 F64 = torch.float64

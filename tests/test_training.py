@@ -458,3 +458,49 @@ def test_history_plot():
     _, given = plt.subplots()
     assert history.plot(given) is given
     plt.close("all")
+
+
+def _flushes_denormals():
+    return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("threads", [1, 2, None])
+def test_training_runs_on_the_given_threads_with_subnormals_flushed_then_restores(threads):
+    seen = []
+
+    def callback(step, history):
+        seen.append((torch.get_num_threads(), _flushes_denormals()))
+
+    data = torch.randn(64, 1)
+    torch.set_num_threads(3)  # the module fixture restores torch's own count
+    assert not _flushes_denormals()
+    fit(
+        Mixture([[0.0]]),
+        data,
+        steps=4,
+        eval_every=2,
+        threads=threads,
+        progress=False,
+        callback=callback,
+    )
+    assert seen == [(3 if threads is None else threads, True)] * 2
+    assert torch.get_num_threads() == 3 and not _flushes_denormals()
+
+
+def test_cpu_training_restores_after_an_error_and_keeps_a_flush_already_on():
+    from pyro_mixflow.fitting import cpu_training
+
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="inside"), cpu_training(threads=1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2 and not _flushes_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        with cpu_training(threads=None):
+            pass
+        assert _flushes_denormals() and torch.get_num_threads() == 2
+    finally:
+        torch.set_flush_denormal(False)
+    with pytest.raises(ValueError, match="`threads` must be a positive integer, got 0"):
+        fit(Mixture([[0.0]]), torch.randn(8, 1), steps=1, threads=0, progress=False)

@@ -1,9 +1,10 @@
-r"""Shared set-up of the mixture autoguides: spread-out components, median and quantiles."""
+r"""Shared set-up of the mixture autoguides: their options, spread-out components, quantiles."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import pyro.poutine as poutine
@@ -22,6 +23,49 @@ __all__: list[str] = []
 
 _MIN_INIT_DRAWS = 1000
 _MIN_DISTINCT = 5  # distinct draws an initial component needs
+
+
+@dataclass(frozen=True)
+class _InitOptions:
+    """The keyword-only options that every mixture autoguide takes, validated once.
+
+    Their meaning is documented once, in :class:`~pyro_mixflow.infer.AutoGaussianMixture`
+    (``**init_options``); :class:`~pyro_mixflow.infer.AutoRADFlow` takes ``init_loc_fn`` and
+    ``quantile_samples`` only.
+    """
+
+    init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median
+    init_scale: float | None = None
+    init_spread: float = 1.0
+    init_ess: float = 0.1
+    quantile_samples: int = 10000
+
+    def __post_init__(self) -> None:
+        if not callable(self.init_loc_fn):
+            raise TypeError(
+                f"`init_loc_fn` must be callable, got {type(self.init_loc_fn).__name__}"
+            )
+        init_scale, init_spread, init_ess = self.init_scale, self.init_spread, self.init_ess
+        if init_scale is not None and (not _is_number(init_scale) or not init_scale > 0):
+            raise ValueError(f"`init_scale` must be None or a positive number, got {init_scale!r}")
+        if not _is_number(init_spread) or not init_spread >= 0:
+            raise ValueError(f"`init_spread` must be a non-negative number, got {init_spread!r}")
+        if not _is_number(init_ess) or not 0 < init_ess < 1:
+            raise ValueError(f"`init_ess` must be a number in (0, 1), got {init_ess!r}")
+        check_positive_int("quantile_samples", self.quantile_samples)
+        if init_scale is not None:
+            object.__setattr__(self, "init_scale", float(init_scale))
+        object.__setattr__(self, "init_spread", float(init_spread))
+        object.__setattr__(self, "init_ess", float(init_ess))
+
+    @classmethod
+    def of(cls, guide: str, options: Mapping[str, Any]) -> _InitOptions:
+        """The options from a guide's ``**init_options``, rejecting unknown names as Python does."""
+        names = {f.name for f in fields(cls)}
+        for name in options:
+            if name not in names:
+                raise TypeError(f"{guide}() got an unexpected keyword argument {name!r}")
+        return cls(**options)
 
 
 class _QuantilesFromDraws:
@@ -82,51 +126,32 @@ class _QuantilesFromDraws:
 class _AutoMixture(_QuantilesFromDraws, AutoContinuous):
     """An AutoContinuous guide whose latent distribution has ``num_components`` components.
 
-    Subclasses build the posterior in :meth:`get_posterior`; this class creates ``locs`` and
-    ``scales`` (and ``_init_log_weights`` for subclasses with weights) from
-    :func:`_tempered_start`, and implements :meth:`median` and :meth:`quantiles` from the
-    posterior's coordinate-wise marginal quantiles.
+    Subclasses build the posterior in :meth:`get_posterior`; this class validates the shared
+    options (:class:`_InitOptions`), creates ``locs`` and ``scales`` (and
+    ``_init_log_weights`` for subclasses with weights) from :func:`_tempered_start`, and
+    implements :meth:`median` and :meth:`quantiles` from the posterior's coordinate-wise
+    marginal quantiles.
     """
 
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_components: int = 8,
-        *,
-        init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
-        init_scale: float | None = None,
-        init_spread: float = 1.0,
-        init_ess: float = 0.1,
-        quantile_samples: int = 10000,
-    ) -> None:
+    def __init__(self, model: Callable[..., Any], num_components: int, **init_options: Any) -> None:
         check_positive_int("num_components", num_components)
-        check_positive_int("quantile_samples", quantile_samples)
-        if init_scale is not None and (not _is_number(init_scale) or not init_scale > 0):
-            raise ValueError(
-                f"`init_scale` must be None or a positive number, got {init_scale!r}"
-            )
-        if not _is_number(init_spread) or not init_spread >= 0:
-            raise ValueError(f"`init_spread` must be a non-negative number, got {init_spread!r}")
-        if not _is_number(init_ess) or not 0 < init_ess < 1:
-            raise ValueError(f"`init_ess` must be a number in (0, 1), got {init_ess!r}")
+        self._init_options = options = _InitOptions.of(type(self).__name__, init_options)
         self.num_components = num_components
         self._raw_model = (model,)  # a tuple, so that the model is not a submodule
-        self._init_scale = None if init_scale is None else float(init_scale)
-        self._init_spread = float(init_spread)
-        self._init_ess = float(init_ess)
-        self._quantile_samples = quantile_samples
-        super().__init__(model, init_loc_fn=init_loc_fn)
+        self._quantile_samples = options.quantile_samples
+        super().__init__(model, init_loc_fn=options.init_loc_fn)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         loc = self._init_loc()  # [D]
+        options = self._init_options
         num_draws = max(_MIN_INIT_DRAWS, 20 * self.num_components)
-        start = _tempered_start(self, num_draws, self._init_ess, args, kwargs)
+        start = _tempered_start(self, num_draws, options.init_ess, args, kwargs)
         locs, scales, log_weights = (t.to(loc) for t in start[:3])
-        if self._init_scale is not None:
-            scales = torch.full_like(scales, self._init_scale)
+        if options.init_scale is not None:
+            scales = torch.full_like(scales, options.init_scale)
         # PyroParams (not nn.Parameters) also work under `module_local_params`.
-        self.locs = PyroParam(loc + self._init_spread * (locs - loc), constraints.real)
+        self.locs = PyroParam(loc + options.init_spread * (locs - loc), constraints.real)
         self.scales = PyroParam(scales, constraints.softplus_positive)
         self._init_log_weights = log_weights
 

@@ -7,17 +7,14 @@ from typing import Any
 
 import torch
 from pyro.distributions import constraints
-from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch.distributions import Normal
 
+from pyro_mixflow._estimators import check_estimator, estimator_mixture
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
-from pyro_mixflow.distributions.gumbel_softmax_mixture import GumbelSoftmaxMixture
 from pyro_mixflow.infer._auto_mixture import _AutoMixture
 
 __all__ = ["AutoGaussianMixture"]
-
-ESTIMATORS = ("exact", "gumbel_softmax", "straight_through")
 
 
 class AutoGaussianMixture(_AutoMixture):
@@ -67,26 +64,39 @@ class AutoGaussianMixture(_AutoMixture):
     least 5 of 6 (3 of 3 seeds); on Neal's funnel, dropping the single-draw components took
     the ELBO − log Z from −0.90 to −0.21 (Pyro's ``AutoIAFNormal``: −0.48; 3 seeds).
 
-    Sixteen components by default: on the 2-D target with four separated modes, 16 and 8
-    components both find every mode at the right share on 3 of 3 seeds, but the 6-mode
-    posterior needs more than 8 (0 of 3 seeds with 8).
+    Sixteen components by default, for every mixture guide (this one,
+    :class:`AutoMixtureBaseFlow` and :class:`AutoClassifierWeightedMixture`): on the 2-D target
+    with four separated modes, 16 and 8 components both find every mode at the right share on
+    3 of 3 seeds, but the 6-mode posterior needs more than 8 (0 of 3 seeds with 8, for this
+    guide and for :class:`AutoClassifierWeightedMixture`). Fewer than the density models of
+    :mod:`pyro_mixflow.nn` (50): with :class:`~pyro_mixflow.infer.RaoBlackwellELBO` each
+    component costs a model evaluation per step.
 
     Args:
         model: A Pyro model with continuous latent sites.
         num_components: Number of components :math:`K`.
-        estimator: ``"exact"``, ``"gumbel_softmax"`` or ``"straight_through"``.
+        estimator: ``"exact"``, ``"gumbel_softmax"`` or ``"straight_through"`` (the table
+            above).
         temperature: Temperature of the two relaxed estimators.
-        init_loc_fn: Per-site initialization (Pyro's ``init_to_*`` functions).
-        init_scale: Initial scale of every component (unconstrained space); ``None``: the
-            scales of the tempered EM fit.
-        init_spread: How far the components start from ``init_loc_fn``'s point, as a
-            fraction of the distance to the means of the tempered EM fit.
-        init_ess: Effective sample size, as a fraction of the draws, that sets the
-            tempering :math:`\beta` of the initial fit. Smaller: draws nearer the posterior,
-            fewer of them. The :math:`\sqrt\beta` shrinking of the scales assumes that the
-            likelihood dominates the prior at :math:`\beta`; keep this well below 1 (with
-            ``init_ess`` near 1, :math:`\beta` is near 0 and the scales start tiny).
-        quantile_samples: Unused here (quantiles are exact); kept for a uniform signature.
+        **init_options: How the guide starts, keyword-only, the same for every mixture guide
+            (:class:`AutoMixtureBaseFlow` and :class:`AutoClassifierWeightedMixture` take them
+            too) and validated once, when the guide is built:
+
+            * ``init_loc_fn`` (``init_to_median``): per-site initialization of the model's
+              point :math:`u_0` (Pyro's ``init_to_*`` functions).
+            * ``init_scale`` (``None``): initial scale of every component (unconstrained
+              space); ``None``: the scales of the tempered EM fit.
+            * ``init_spread`` (``1.0``): how far the components start from :math:`u_0`, as a
+              fraction of the distance to the means of the tempered EM fit.
+            * ``init_ess`` (``0.1``): effective sample size, as a fraction of the draws, that
+              sets the tempering :math:`\beta` of the initial fit. Smaller: draws nearer the
+              posterior, fewer of them. The :math:`\sqrt\beta` shrinking of the scales
+              assumes that the likelihood dominates the prior at :math:`\beta`; keep this
+              well below 1 (with ``init_ess`` near 1, :math:`\beta` is near 0 and the scales
+              start tiny).
+            * ``quantile_samples`` (``10000``): draws of the Monte Carlo :meth:`median` and
+              :meth:`quantiles` of the guides without closed-form quantiles (this guide's are
+              exact and do not use it).
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -113,29 +123,10 @@ class AutoGaussianMixture(_AutoMixture):
         *,
         estimator: str = "exact",
         temperature: float = 0.5,
-        init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
-        init_scale: float | None = None,
-        init_spread: float = 1.0,
-        init_ess: float = 0.1,
-        quantile_samples: int = 10000,
+        **init_options: Any,
     ) -> None:
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            temperature > 0
-        ):
-            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}")
-        self.estimator = estimator
-        self.temperature = float(temperature)
-        super().__init__(
-            model,
-            num_components,
-            init_loc_fn=init_loc_fn,
-            init_scale=init_scale,
-            init_spread=init_spread,
-            init_ess=init_ess,
-            quantile_samples=quantile_samples,
-        )
+        self.estimator, self.temperature = check_estimator(estimator, temperature)
+        super().__init__(model, num_components, **init_options)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
@@ -143,14 +134,8 @@ class AutoGaussianMixture(_AutoMixture):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> DiagNormalMixture:
         """The mixture over the unconstrained latent vector (a fresh distribution)."""
-        if self.estimator == "exact":
-            return DiagNormalMixture(self.locs, self.scales, self.logits)
-        return GumbelSoftmaxMixture(
-            self.locs,
-            self.scales,
-            self.logits,
-            temperature=self.temperature,
-            straight_through=self.estimator == "straight_through",
+        return estimator_mixture(
+            self.locs, self.scales, self.logits, self.estimator, self.temperature
         )
 
     def _marginal_quantiles(self, probs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

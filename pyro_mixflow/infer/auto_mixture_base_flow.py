@@ -8,7 +8,6 @@ from typing import Any
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions import constraints
-from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import AffineTransform, Transform
@@ -47,15 +46,13 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
             default is one Pyro ``affine_autoregressive`` (IAF) with hidden width ``3 D + 3``,
             started at the identity (so the guide starts as its base mixture), for ``D > 1`` and an
             elementwise ``spline`` for ``D = 1``.
-        num_components: Number of base components.
+        num_components: Number of base components (16 by default, as every mixture guide:
+            see :class:`AutoGaussianMixture`).
         estimator: ``"exact"``, ``"gumbel_softmax"`` or ``"straight_through"``.
         temperature: Temperature of the relaxed estimators.
-        init_loc_fn: Per-site initialization of the centre.
-        init_scale: Initial scale of every component; ``None``: from the initial fit (see
-            :class:`AutoGaussianMixture`).
-        init_spread: Spread of the initial components (see :class:`AutoGaussianMixture`).
-        init_ess: Tempering of the initial fit (see :class:`AutoGaussianMixture`).
-        quantile_samples: Draws used for :meth:`median` and :meth:`quantiles` (Monte Carlo).
+        **init_options: ``init_loc_fn``, ``init_scale``, ``init_spread``, ``init_ess`` and
+            ``quantile_samples`` (here the draws of the Monte Carlo :meth:`median` and
+            :meth:`quantiles`), keyword-only, as in :class:`AutoGaussianMixture`.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -76,11 +73,7 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
         *,
         estimator: str = "exact",
         temperature: float = 0.5,
-        init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
-        init_scale: float | None = None,
-        init_spread: float = 1.0,
-        init_ess: float = 0.1,
-        quantile_samples: int = 10000,
+        **init_options: Any,
     ) -> None:
         if init_transform_fn is not None and not callable(init_transform_fn):
             raise TypeError(
@@ -88,15 +81,7 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
             )
         self._init_transform_fn = init_transform_fn or _default_transforms
         super().__init__(
-            model,
-            num_components,
-            estimator=estimator,
-            temperature=temperature,
-            init_loc_fn=init_loc_fn,
-            init_scale=init_scale,
-            init_spread=init_spread,
-            init_ess=init_ess,
-            quantile_samples=quantile_samples,
+            model, num_components, estimator=estimator, temperature=temperature, **init_options
         )
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:

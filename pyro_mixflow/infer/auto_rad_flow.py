@@ -15,7 +15,7 @@ from torch.distributions import AffineTransform
 
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.rad_flow import RADFlow
-from pyro_mixflow.infer._auto_mixture import _prior_draws, _QuantilesFromDraws
+from pyro_mixflow.infer._auto_mixture import _InitOptions, _prior_draws, _QuantilesFromDraws
 from pyro_mixflow.transforms.rad import NETWORKS, RADCoupling
 
 __all__ = ["AutoRADFlow"]
@@ -54,8 +54,9 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
         network: ``"mlp"`` or ``"residual"`` (see :class:`~pyro_mixflow.transforms.RADCoupling`;
             the guide was measured with ``"mlp"``, its default here).
         bound: Half-width of the folded interval (in units of :math:`s`).
-        init_loc_fn: Per-site initialization of :math:`m`.
-        quantile_samples: Draws used for :meth:`median` and :meth:`quantiles` (Monte Carlo).
+        init_loc_fn: Per-site initialization of :math:`m` (as in
+            :class:`~pyro_mixflow.infer.AutoGaussianMixture`).
+        quantile_samples: Draws of the Monte Carlo :meth:`median` and :meth:`quantiles`.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -86,7 +87,7 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
     ) -> None:
         check_positive_int("num_pieces", num_pieces)
         check_positive_int("num_layers", num_layers)
-        check_positive_int("quantile_samples", quantile_samples)
+        options = _InitOptions(init_loc_fn=init_loc_fn, quantile_samples=quantile_samples)
         if network not in NETWORKS:
             raise ValueError(f"`network` must be one of {NETWORKS}, got {network!r}")
         self._layer_options = {
@@ -96,9 +97,9 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
             "bound": float(bound),
         }
         self.num_pieces, self.num_layers = num_pieces, num_layers
-        self._quantile_samples = quantile_samples
+        self._quantile_samples = options.quantile_samples
         self._raw_model = (model,)
-        super().__init__(model, init_loc_fn=init_loc_fn)
+        super().__init__(model, init_loc_fn=options.init_loc_fn)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)

@@ -105,9 +105,7 @@ class RaoBlackwellELBO(ELBO):
         with torch.no_grad():
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
-    def loss_and_grads(
-        self, model: Any, guide: AutoContinuous, *args: Any, **kwargs: Any
-    ) -> float:
+    def loss_and_grads(self, model: Any, guide: AutoContinuous, *args: Any, **kwargs: Any) -> float:
         """Returns the negative ELBO estimate and backpropagates its gradient.
 
         Args:
@@ -205,7 +203,6 @@ class RaoBlackwellELBO(ELBO):
         branch = (log_joint + log_det).reshape(num_particles, num_components)
         entropy_part = posterior.rao_blackwell_log_prob(values, log_weights)  # [S]
         return (log_weights_flat.exp() * branch).sum(-1) - entropy_part
-
 
     def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError("RaoBlackwellELBO evaluates branch values, not guide traces")

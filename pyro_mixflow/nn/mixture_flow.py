@@ -14,13 +14,14 @@ from torch.distributions.transforms import AffineTransform
 
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions import MixtureBaseFlow
+from pyro_mixflow.nn._base import DensityModel
 from pyro_mixflow.nn.gmm import GMM
 from pyro_mixflow.transforms import NflowsTransform
 
 __all__ = ["MixtureFlow"]
 
 
-class MixtureFlow(nn.Module):
+class MixtureFlow(DensityModel):
     r"""Trainable flow :math:`x = m + s \odot g(z_0)`, :math:`z_0` from a trainable mixture.
 
     .. math::
@@ -38,13 +39,15 @@ class MixtureFlow(nn.Module):
 
     Args:
         input_dim: Dimension :math:`D` of the data.
-        num_components: Components of the base mixture.
+        num_components: Components of the base mixture (50, as for every density model of
+            :mod:`pyro_mixflow.nn`: see :class:`GMM`).
         num_transforms: Number :math:`L` of spline layers.
         hidden_dims: Hidden sizes of the residual networks that predict the splines (all
             equal: nflows' ``ResidualNet`` uses one width; its depth is ``len(hidden_dims)``).
         num_bins: Spline bins.
         tail_bound: Splines act on ``[-tail_bound, tail_bound]`` of the standardized space.
-        estimator: The base mixture's ``rsample`` (see :class:`GMM`).
+        estimator: The base mixture's ``rsample``: ``"exact"``, ``"gumbel_softmax"`` or
+            ``"straight_through"`` (see :class:`GMM`).
 
     Example:
         >>> model = MixtureFlow(2, num_components=4, num_transforms=2, hidden_dims=(16, 16))
