@@ -1,8 +1,18 @@
-"""Doctest setup: every example runs with ``torch`` in scope and a fixed seed."""
+"""Test and doctest setup: one CPU thread, ``torch`` in every doctest's scope, a fixed seed."""
 
 import pyro
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The suite's tensors are small: a second OpenMP thread adds nothing on an idle machine, and
+    # when another process keeps a core busy its spin-waits made the suite about 25 times slower.
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(autouse=True)

@@ -24,8 +24,8 @@ from pyro_mixflow.infer import (
     RaoBlackwellELBO,
 )
 from pyro_mixflow.infer._auto_mixture import (
+    InitOptions,
     _fit_without_stragglers,
-    _InitOptions,
     _tempered_start,
     _tempering_power,
 )
@@ -437,11 +437,11 @@ def test_every_mixture_guide_checks_its_init_options(cls, kwargs, error, match):
 @pytest.mark.parametrize("cls", MIXTURE_GUIDES)
 def test_every_mixture_guide_validates_its_init_options_once(cls, monkeypatch):
     checks = []
-    check = _InitOptions.__post_init__
-    monkeypatch.setattr(_InitOptions, "__post_init__", lambda self: checks.append(check(self)))
+    check = InitOptions.__post_init__
+    monkeypatch.setattr(InitOptions, "__post_init__", lambda self: checks.append(check(self)))
     guide = cls(plated_model, init_loc_fn=init_to_mean, init_scale=2, init_ess=0.2)
     assert len(checks) == 1
-    assert guide._init_options == _InitOptions(init_to_mean, 2.0, 1.0, 0.2, 10000)
+    assert guide._init_options == InitOptions(init_to_mean, 2.0, 1.0, 0.2, 10000)
 
 
 @pytest.mark.parametrize("cls", MIXTURE_GUIDES)
@@ -449,8 +449,8 @@ def test_mixture_guide_defaults_are_the_documented_ones(cls):
     """16 components for every mixture guide; the init options' defaults as documented."""
     assert inspect.signature(cls).parameters["num_components"].default == 16
     guide = cls(plated_model)
-    assert guide._init_options == _InitOptions()
-    assert _InitOptions() == _InitOptions(init_to_median, None, 1.0, 0.1, 10000)
+    assert guide._init_options == InitOptions()
+    assert InitOptions() == InitOptions(init_to_median, None, 1.0, 0.1, 10000)
     documented = inspect.getdoc(AutoGaussianMixture)
     for field, default in [
         ("init_loc_fn", "init_to_median"),

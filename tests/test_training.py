@@ -18,15 +18,6 @@ from pyro_mixflow.fitting import History, fit
 matplotlib.use("Agg")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: two BLAS threads only add contention (100x slower on a loaded 2-core box).
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 class Mixture(nn.Module):
     def __init__(self, locs, dtype=torch.float32):
         super().__init__()
@@ -460,10 +451,18 @@ def test_history_plot():
     plt.close("all")
 
 
+@pytest.fixture
+def _threads_restored():
+    num_threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(num_threads)
+
+
 def _flushes_denormals():
     return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
 
 
+@pytest.mark.usefixtures("_threads_restored")
 @pytest.mark.parametrize("threads", [1, 2, None])
 def test_training_runs_on_the_given_threads_with_subnormals_flushed_then_restores(threads):
     seen = []
@@ -472,7 +471,7 @@ def test_training_runs_on_the_given_threads_with_subnormals_flushed_then_restore
         seen.append((torch.get_num_threads(), _flushes_denormals()))
 
     data = torch.randn(64, 1)
-    torch.set_num_threads(3)  # the module fixture restores torch's own count
+    torch.set_num_threads(3)
     assert not _flushes_denormals()
     fit(
         Mixture([[0.0]]),
@@ -487,6 +486,7 @@ def test_training_runs_on_the_given_threads_with_subnormals_flushed_then_restore
     assert torch.get_num_threads() == 3 and not _flushes_denormals()
 
 
+@pytest.mark.usefixtures("_threads_restored")
 def test_cpu_training_restores_after_an_error_and_keeps_a_flush_already_on():
     from pyro_mixflow.fitting import cpu_training
 

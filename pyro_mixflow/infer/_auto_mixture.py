@@ -19,14 +19,14 @@ from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.fitting.em import em_diagonal
 
-__all__: list[str] = []
+__all__ = ["AutoMixture", "InitOptions", "QuantilesFromDraws", "prior_draws"]
 
 _MIN_INIT_DRAWS = 1000
 _MIN_DISTINCT = 5  # distinct draws an initial component needs
 
 
 @dataclass(frozen=True)
-class _InitOptions:
+class InitOptions:
     """The keyword-only options that every mixture autoguide takes, validated once.
 
     Their meaning is documented once, in :class:`~pyro_mixflow.infer.AutoGaussianMixture`
@@ -59,7 +59,7 @@ class _InitOptions:
         object.__setattr__(self, "init_ess", float(init_ess))
 
     @classmethod
-    def of(cls, guide: str, options: Mapping[str, Any]) -> _InitOptions:
+    def of(cls, guide: str, options: Mapping[str, Any]) -> InitOptions:
         """The options from a guide's ``**init_options``, rejecting unknown names as Python does."""
         names = {f.name for f in fields(cls)}
         for name in options:
@@ -68,7 +68,7 @@ class _InitOptions:
         return cls(**options)
 
 
-class _QuantilesFromDraws:
+class QuantilesFromDraws:
     """``median`` and ``quantiles`` (Pyro's API) from coordinate-wise marginal quantiles."""
 
     def _marginal_quantiles(self, probs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -123,11 +123,11 @@ class _QuantilesFromDraws:
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
 
 
-class _AutoMixture(_QuantilesFromDraws, AutoContinuous):
+class AutoMixture(QuantilesFromDraws, AutoContinuous):
     """An AutoContinuous guide whose latent distribution has ``num_components`` components.
 
     Subclasses build the posterior in :meth:`get_posterior`; this class validates the shared
-    options (:class:`_InitOptions`), creates ``locs`` and ``scales`` (and
+    options (:class:`InitOptions`), creates ``locs`` and ``scales`` (and
     ``_init_log_weights`` for subclasses with weights) from :func:`_tempered_start`, and
     implements :meth:`median` and :meth:`quantiles` from the posterior's coordinate-wise
     marginal quantiles.
@@ -135,7 +135,7 @@ class _AutoMixture(_QuantilesFromDraws, AutoContinuous):
 
     def __init__(self, model: Callable[..., Any], num_components: int, **init_options: Any) -> None:
         check_positive_int("num_components", num_components)
-        self._init_options = options = _InitOptions.of(type(self).__name__, init_options)
+        self._init_options = options = InitOptions.of(type(self).__name__, init_options)
         self.num_components = num_components
         self._raw_model = (model,)  # a tuple, so that the model is not a submodule
         self._quantile_samples = options.quantile_samples
@@ -160,7 +160,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _prior_draws(guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict) -> torch.Tensor:
+def prior_draws(guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict) -> torch.Tensor:
     """Draws of the model's latents from the prior, as unconstrained vectors ``(N, D)``.
 
     Sites whose prior cannot be sampled (``ImproperUniform``) get a uniform draw on
@@ -172,7 +172,7 @@ def _prior_draws(guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dic
 def _prior_draws_and_log_likelihoods(
     guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Prior draws ``(N, D)`` (as :func:`_prior_draws`) and their log-likelihoods ``(N,)``.
+    r"""Prior draws ``(N, D)`` (as :func:`prior_draws`) and their log-likelihoods ``(N,)``.
 
     The log-likelihood of a draw is the summed log-probability of the model's sites that
     are not latent: observed sites and ``pyro.factor`` terms (scaled by their plates'

@@ -11,12 +11,12 @@ from torch import nn
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow._mlp import mlp
 from pyro_mixflow.distributions.classifier_weighted_mixture import ClassifierWeightedMixture
-from pyro_mixflow.infer._auto_mixture import _AutoMixture
+from pyro_mixflow.infer._auto_mixture import AutoMixture
 
 __all__ = ["AutoClassifierWeightedMixture"]
 
 
-class AutoClassifierWeightedMixture(_AutoMixture):
+class AutoClassifierWeightedMixture(AutoMixture):
     r"""A guide whose mixture weights depend on the point, through a neural classifier.
 
     .. math:: q(u) = \sum_k w_k(z_k)\, \mathcal{N}(z_k; 0, I) \prod_d \sigma_{kd}^{-1},

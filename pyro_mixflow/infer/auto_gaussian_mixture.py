@@ -12,12 +12,12 @@ from torch.distributions import Normal
 
 from pyro_mixflow._estimators import check_estimator, estimator_mixture
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
-from pyro_mixflow.infer._auto_mixture import _AutoMixture
+from pyro_mixflow.infer._auto_mixture import AutoMixture
 
 __all__ = ["AutoGaussianMixture"]
 
 
-class AutoGaussianMixture(_AutoMixture):
+class AutoGaussianMixture(AutoMixture):
     r"""A guide that is a mixture of diagonal Gaussians over all unconstrained latents.
 
     .. math:: q(u) = \sum_{k=1}^K \pi_k\, \mathcal{N}(u; \mu_k, \operatorname{diag}\sigma_k^2),

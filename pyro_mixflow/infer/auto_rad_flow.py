@@ -15,13 +15,13 @@ from torch.distributions import AffineTransform
 
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.rad_flow import RADFlow
-from pyro_mixflow.infer._auto_mixture import _InitOptions, _prior_draws, _QuantilesFromDraws
+from pyro_mixflow.infer._auto_mixture import InitOptions, QuantilesFromDraws, prior_draws
 from pyro_mixflow.transforms.rad import NETWORKS, RADCoupling
 
 __all__ = ["AutoRADFlow"]
 
 
-class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
+class AutoRADFlow(QuantilesFromDraws, AutoContinuous):
     r"""A guide that is a RAD flow over all unconstrained latents.
 
     .. math:: u = m + s \odot y, \quad y \sim \texttt{RADFlow}([R_1, \dots, R_L])
@@ -87,7 +87,7 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
     ) -> None:
         check_positive_int("num_pieces", num_pieces)
         check_positive_int("num_layers", num_layers)
-        options = _InitOptions(init_loc_fn=init_loc_fn, quantile_samples=quantile_samples)
+        options = InitOptions(init_loc_fn=init_loc_fn, quantile_samples=quantile_samples)
         if network not in NETWORKS:
             raise ValueError(f"`network` must be one of {NETWORKS}, got {network!r}")
         self._layer_options = {
@@ -109,7 +109,7 @@ class AutoRADFlow(_QuantilesFromDraws, AutoContinuous):
                 f"{self.latent_dim}; use AutoGaussianMixture in 1-D"
             )
         loc = self._init_loc()
-        draws = _prior_draws(self, 64, args, kwargs).to(loc)
+        draws = prior_draws(self, 64, args, kwargs).to(loc)
         spread = draws.std(0).clamp(min=1e-3) * 3.0 / self._layer_options["bound"]
         self.shift = PyroParam(loc, constraints.real)
         self.scale = PyroParam(spread, constraints.softplus_positive)

@@ -9,7 +9,7 @@ from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow._deprecated import moved
 from pyro_mixflow._estimators import check_estimator, estimator_mixture
 from pyro_mixflow.distributions import DiagNormalMixture
-from pyro_mixflow.fitting.em import em_parameters
+from pyro_mixflow.fitting import em
 from pyro_mixflow.nn._base import DensityModel
 
 __all__ = ["GMM"]
@@ -82,7 +82,9 @@ class GMM(DensityModel):
         Returns:
             ``self``, for chaining.
         """  # noqa: D205
-        locs, log_scales, log_weights = em_parameters(data, self.locs, max_iter=max_iter, seed=seed)
+        locs, log_scales, log_weights = em.em_parameters(
+            data, self.locs, max_iter=max_iter, seed=seed
+        )
         self.locs.copy_(locs)
         self.log_scales.copy_(log_scales)
         self.logits.copy_(log_weights)

@@ -87,7 +87,12 @@ class MixtureFlow(DensityModel):
                 continue
             mask = (torch.arange(input_dim) + i) % 2
 
-            def net(in_features, out_features, width=hidden_dims[0], depth=len(hidden_dims)):
+            def net(
+                in_features: int,
+                out_features: int,
+                width: int = hidden_dims[0],
+                depth: int = len(hidden_dims),
+            ) -> ResidualNet:
                 return ResidualNet(in_features, out_features, width, num_blocks=depth)
 
             spline = PiecewiseRationalQuadraticCouplingTransform(
@@ -107,7 +112,9 @@ class MixtureFlow(DensityModel):
         return MixtureBaseFlow(self.base(), [*self.transforms, standardization])
 
     @torch.no_grad()
-    def init_from_data(self, data: torch.Tensor, *, max_iter: int = 200, seed: int = 0):
+    def init_from_data(
+        self, data: torch.Tensor, *, max_iter: int = 200, seed: int = 0
+    ) -> MixtureFlow:
         """Sets the standardization from the data and fits the base mixture by EM.
 
         Args:
