@@ -483,3 +483,14 @@ def test_guides_build_the_chosen_estimator(cls):
     base = getattr(posterior, "base_dist", posterior)
     assert type(base).__name__ == "GumbelSoftmaxMixture"
     assert base.straight_through and base.temperature == 0.3
+
+
+def test_init_options_typed_dict_names_the_validated_options():
+    """The type checkers' view of `**init_options` and the validated options cannot drift."""
+    import dataclasses
+    import typing
+
+    from pyro_mixflow.infer._auto_mixture import InitKwargs, InitOptions
+
+    assert typing.get_type_hints(InitKwargs) == typing.get_type_hints(InitOptions)
+    assert list(InitKwargs.__annotations__) == [f.name for f in dataclasses.fields(InitOptions)]

@@ -35,7 +35,8 @@ out_dir = Path(__file__).resolve().parent / "output" if "__file__" in globals() 
 out_dir.mkdir(parents=True, exist_ok=True)
 torch.manual_seed(0)
 # Subnormal floats (gradients of far-off components, Adam's second moments) are slow on x86
-# CPUs; flushing them to zero is a per-process choice that scripts, not libraries, should make.
+# CPUs. `pyro_mixflow.fit` flushes them to zero while it trains; this tutorial's own loops
+# do it for the whole script (the setting is the calling thread's).
 torch.set_flush_denormal(True)
 
 # %% [markdown]

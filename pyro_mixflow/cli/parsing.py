@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from pyro_mixflow.cli.commands import run_fit, run_sample, run_score
 from pyro_mixflow.cli.demo import DEMO_DATASETS, DEMO_MODELS, run_demo
 from pyro_mixflow.io import MODELS
 
 __all__ = ["EPILOG", "THREADS_HELP", "build_parser", "fraction", "positive_float", "positive_int"]
+
+T = TypeVar("T")
 
 THREADS_HELP = "CPU threads for torch (default: 1 while training, torch's choice otherwise)"
 
@@ -73,13 +76,7 @@ def positive_int(text: str) -> int:
         >>> positive_int("3")
         3
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _argument(text, int, lambda value: value >= 1, "a positive integer")
 
 
 def positive_float(text: str) -> float:
@@ -98,13 +95,9 @@ def positive_float(text: str) -> float:
         >>> positive_float("1e-3")
         0.001
     """
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _argument(
+        text, float, lambda value: math.isfinite(value) and value > 0, "a positive number"
+    )
 
 
 def fraction(text: str) -> float:
@@ -123,12 +116,19 @@ def fraction(text: str) -> float:
         >>> fraction("0.1")
         0.1
     """
+    return _argument(text, float, lambda value: 0 <= value < 1, "a fraction in [0, 1)")
+
+
+def _argument(
+    text: str, convert: Callable[[str], T], valid: Callable[[T], bool], expected: str
+) -> T:
+    """``convert(text)`` if it parses and is ``valid``, else an ``ArgumentTypeError``."""
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        value = math.nan
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 

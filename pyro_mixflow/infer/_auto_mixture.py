@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import pyro.poutine as poutine
 import torch
@@ -19,10 +19,20 @@ from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.fitting.em import em_diagonal
 
-__all__ = ["AutoMixture", "InitOptions", "QuantilesFromDraws", "prior_draws"]
+__all__ = ["AutoMixture", "InitKwargs", "InitOptions", "QuantilesFromDraws", "prior_draws"]
 
 _MIN_INIT_DRAWS = 1000
 _MIN_DISTINCT = 5  # distinct draws an initial component needs
+
+
+class InitKwargs(TypedDict, total=False):
+    """The names and types of ``**init_options``, for type checkers and editors (PEP 692)."""
+
+    init_loc_fn: Callable[[dict], torch.Tensor]
+    init_scale: float | None
+    init_spread: float
+    init_ess: float
+    quantile_samples: int
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,9 @@ class AutoMixture(QuantilesFromDraws, AutoContinuous):
     marginal quantiles.
     """
 
-    def __init__(self, model: Callable[..., Any], num_components: int, **init_options: Any) -> None:
+    def __init__(
+        self, model: Callable[..., Any], num_components: int, **init_options: Unpack[InitKwargs]
+    ) -> None:
         check_positive_int("num_components", num_components)
         self._init_options = options = InitOptions.of(type(self).__name__, init_options)
         self.num_components = num_components

@@ -3,7 +3,7 @@ r"""A classifier weighted mixture as a Pyro autoguide (train it with RaoBlackwel
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow._mlp import mlp
 from pyro_mixflow.distributions.classifier_weighted_mixture import ClassifierWeightedMixture
-from pyro_mixflow.infer._auto_mixture import AutoMixture
+from pyro_mixflow.infer._auto_mixture import AutoMixture, InitKwargs
 
 __all__ = ["AutoClassifierWeightedMixture"]
 
@@ -63,7 +63,7 @@ class AutoClassifierWeightedMixture(AutoMixture):
         hidden_dims: Sequence[int] = (32, 32),
         *,
         activation: Callable[[], nn.Module] = nn.Tanh,
-        **init_options: Any,
+        **init_options: Unpack[InitKwargs],
     ) -> None:
         hidden_dims = tuple(hidden_dims)
         for width in hidden_dims:

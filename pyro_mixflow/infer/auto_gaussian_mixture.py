@@ -3,7 +3,7 @@ r"""A mixture of diagonal Gaussians as a Pyro autoguide, with a choice of gradie
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from pyro.distributions import constraints
@@ -12,7 +12,7 @@ from torch.distributions import Normal
 
 from pyro_mixflow._estimators import check_estimator, estimator_mixture
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
-from pyro_mixflow.infer._auto_mixture import AutoMixture
+from pyro_mixflow.infer._auto_mixture import AutoMixture, InitKwargs
 
 __all__ = ["AutoGaussianMixture"]
 
@@ -123,7 +123,7 @@ class AutoGaussianMixture(AutoMixture):
         *,
         estimator: str = "exact",
         temperature: float = 0.5,
-        **init_options: Any,
+        **init_options: Unpack[InitKwargs],
     ) -> None:
         self.estimator, self.temperature = check_estimator(estimator, temperature)
         super().__init__(model, num_components, **init_options)

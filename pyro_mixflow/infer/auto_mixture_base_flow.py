@@ -3,7 +3,7 @@ r"""A normalizing flow over a Gaussian-mixture base as a Pyro autoguide."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import pyro.distributions.transforms as T
 import torch
@@ -14,6 +14,7 @@ from torch.distributions import AffineTransform, Transform
 
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.distributions.mixture_base_flow import MixtureBaseFlow
+from pyro_mixflow.infer._auto_mixture import InitKwargs
 from pyro_mixflow.infer.auto_gaussian_mixture import AutoGaussianMixture
 
 __all__ = ["AutoMixtureBaseFlow"]
@@ -73,7 +74,7 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
         *,
         estimator: str = "exact",
         temperature: float = 0.5,
-        **init_options: Any,
+        **init_options: Unpack[InitKwargs],
     ) -> None:
         if init_transform_fn is not None and not callable(init_transform_fn):
             raise TypeError(
