@@ -504,3 +504,105 @@ def test_cpu_training_restores_after_an_error_and_keeps_a_flush_already_on():
         torch.set_flush_denormal(False)
     with pytest.raises(ValueError, match="`threads` must be a positive integer, got 0"):
         fit(Mixture([[0.0]]), torch.randn(8, 1), steps=1, threads=0, progress=False)
+
+
+class ConditionalNormal(nn.Module):
+    """x | c ~ N(a c + b, 1): a conditional model whose call takes context rows (B, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(()))
+        self.b = nn.Parameter(torch.zeros(()))
+
+    def forward(self, context=None):
+        if context is None:
+            raise ValueError("needs a context")
+        return Independent(Normal(self.a * context + self.b, 1.0), 1)
+
+
+def _conditional_data(n=2000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, 1, generator=gen)
+    return 2.0 * c - 1.0 + torch.randn(n, 1, generator=gen), c
+
+
+def test_conditional_fit_learns_the_regression_and_keeps_pairs_together():
+    x, c = _conditional_data()
+    model = ConditionalNormal()
+    history = fit(model, x, context=c, steps=300, lr=0.05, seed=0, progress=False)
+    # Least squares of x on c is the maximum-likelihood fit; its standard errors are ~1/sqrt(n).
+    design = torch.cat([c, torch.ones_like(c)], -1)
+    a_hat, b_hat = torch.linalg.lstsq(design, x).solution.flatten().tolist()
+    assert abs(model.a.item() - a_hat) < 0.05 and abs(model.b.item() - b_hat) < 0.05
+    assert history.best_val_loss < history.val_loss[0]
+    # Shuffling pairs apart would leave no signal: the same data with shuffled context fits a = 0.
+    shuffled = ConditionalNormal()
+    perm = torch.randperm(len(c), generator=torch.Generator().manual_seed(1))
+    fit(shuffled, x, context=c[perm], steps=300, lr=0.05, seed=0, progress=False)
+    assert abs(shuffled.a.item()) < 0.15
+
+
+def test_conditional_fit_validation_split_is_over_pairs_and_explicit_rows_need_context():
+    x, c = _conditional_data(400)
+    seen = []
+
+    class Spy(ConditionalNormal):
+        def forward(self, context=None):
+            seen.append(context.shape)
+            return super().forward(context)
+
+    fit(Spy(), x, context=c.squeeze(-1), steps=2, batch_size=64, seed=0, progress=False)
+    assert (1, 1) in seen and (64, 1) in seen and (40, 1) in seen  # probe, batch, validation
+    fit(
+        ConditionalNormal(),
+        x[:300],
+        context=c[:300],
+        validation=x[300:],
+        validation_context=c[300:],
+        steps=2,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="`validation` rows of a conditional model need"):
+        fit(ConditionalNormal(), x, context=c, validation=x, steps=1, progress=False)
+    with pytest.raises(ValueError, match="`validation_context` goes with `context`"):
+        fit(ConditionalNormal(), x, validation_context=c, steps=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"context": torch.randn(399, 1)},
+            ValueError,
+            r"`context` has 399 row\(s\) but `data` has 400",
+        ),
+        (
+            {"context": torch.full((400, 1), math.nan)},
+            ValueError,
+            r"`context` has 400 row\(s\) with NaN",
+        ),
+        (
+            {"context": [[0.0]] * 400},
+            TypeError,
+            r"`context` must be a torch.Tensor or numpy.ndarray",
+        ),
+        ({"context": torch.randn(400, 1, 2)}, ValueError, r"`context` must have shape \(N, D\)"),
+    ],
+)
+def test_conditional_fit_rejects_bad_context(kwargs, error, match):
+    x, _ = _conditional_data(400)
+    with pytest.raises(error, match=match):
+        fit(ConditionalNormal(), x, steps=1, progress=False, **kwargs)
+
+
+def test_context_given_to_an_unconditional_model_is_an_error():
+    x, c = _conditional_data(100)
+    with pytest.raises(TypeError, match=r"`model` was given a `context` but calling it"):
+        fit(Mixture([[0.0]]), x, context=c, steps=1, progress=False)
+
+    class IgnoresContext(Mixture):
+        def forward(self, context=None):
+            return super().forward()
+
+    with pytest.raises(ValueError, match=r"batch_shape \(1,\) \(is the model conditional\?\)"):
+        fit(IgnoresContext([[0.0]]), x, context=c, steps=1, progress=False)

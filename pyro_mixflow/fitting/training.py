@@ -95,6 +95,7 @@ def fit(
     model: nn.Module,
     data: torch.Tensor | np.ndarray,
     *,
+    context: torch.Tensor | np.ndarray | None = None,
     steps: int | None = None,
     epochs: int | None = None,
     batch_size: int = 512,
@@ -102,6 +103,7 @@ def fit(
     weight_decay: float = 0.0,
     schedule: str | Callable[[int], float] = "cosine",
     validation: float | torch.Tensor | np.ndarray | None = 0.1,
+    validation_context: torch.Tensor | np.ndarray | None = None,
     eval_every: int | None = None,
     patience: int | None = None,
     clip_grad_norm: float | None = 10.0,
@@ -123,6 +125,14 @@ def fit(
 
     estimated on mini-batches of ``batch_size`` rows drawn without replacement, reshuffled every
     epoch (the last batch of an epoch may be smaller).
+
+    With ``context``, the model is conditional: ``model(c)`` for context rows ``c`` of shape
+    ``(B, C)`` returns a distribution with ``batch_shape`` ``(B,)``, one per row (the models of
+    :mod:`pyro_mixflow.nn` built with ``context_dim``), and the objective is
+    :math:`-\frac{1}{N} \sum_i \log q_\theta(x_i \mid c_i)` over the pairs
+    :math:`(x_i, c_i)`, which the mini-batches and the validation split keep together. ``fit``
+    does not rescale the context: the models of :mod:`pyro_mixflow.nn` standardize it
+    themselves (``init_from_data(data, context)`` sets their standardization).
 
     The optimizer is :class:`torch.optim.Adam`, or :class:`torch.optim.AdamW` (decoupled
     weight decay) when ``weight_decay > 0``. Gradients are clipped to a total norm of
@@ -152,6 +162,9 @@ def fit(
             ``event_shape`` ``(1,)`` or ``()``. Integer or floating dtype; converted to the
             dtype of the model's first floating-point parameter (float32 for most models)
             and copied to the device.
+        context: Context rows of a conditional model, ``(N, C)`` (or ``(N,)`` for
+            ``C = 1``), one per row of ``data``; a tensor or array of real numbers, converted
+            like ``data``. ``None`` for an unconditional model.
         steps: Number of optimizer steps. Give at most one of ``steps`` and ``epochs``; with
             neither, 1000 steps.
         epochs: Number of passes over the training rows, ``ceil(N_train / batch_size)``
@@ -168,6 +181,8 @@ def fit(
             ``data``), or ``None``/``0`` for no validation. The initial parameters are
             evaluated too (step 0), so a good initialization such as an EM fit is kept when
             training does not improve on it.
+        validation_context: The context rows of explicit ``validation`` rows of a conditional
+            model (a validation fraction takes them from ``context``).
         eval_every: Steps between evaluations (validation loss and ``callback``). Default:
             once per epoch or 20 times per run, whichever is more often, so that evaluation
             costs at most a few percent of an epoch and the curve has enough points.
@@ -193,10 +208,11 @@ def fit(
     Raises:
         TypeError: If ``model`` is not a module or does not return a distribution, or
             ``data``/``validation`` is not a tensor or array of numbers.
-        ValueError: If ``data``/``validation`` is empty, has the wrong number of dimensions,
-            holds NaN or infinite values (the message counts the rows and names the first),
-            or does not match the model's ``event_shape``; if a model parameter is not finite;
-            or if an argument is out of range.
+        ValueError: If ``data``/``validation`` (or their context rows) is empty, has the wrong
+            number of dimensions, holds NaN or infinite values (the message counts the rows
+            and names the first), or does not match the model's ``event_shape``; if context
+            and data rows differ in number; if a model parameter is not finite; or if an
+            argument is out of range.
         RuntimeError: If the training loss, the gradient or the parameters become NaN or
             infinite (including a distribution's own ``ValueError`` on NaN parameters, chained
             as the cause); the model is restored first (see above).
@@ -237,18 +253,20 @@ def fit(
         threads=threads,
         callback=callback,
     )
-    x, x_val, generator = _prepare_rows(model, data, validation, settings, params, device)
+    x, x_val, generator = _prepare_rows(
+        model, data, context, validation, validation_context, settings, params, device
+    )
     steps, eval_every = settings.plan(len(x))
     optimizer = _optimizer(params, settings)
     history = History()
     checkpoints = _Checkpoints(model, history, settings.patience)
-    batches = _shuffled_batches(len(x), settings.batch_size, generator, x.device)
+    batches = _shuffled_batches(len(x), settings.batch_size, generator, x.rows.device)
     bar = tqdm(total=steps, desc="fit", disable=not progress, mininterval=0.5)
     was_training = model.training
     model.train()
     step = 0
     smoothed = math.nan
-    with cpu_training(settings.threads if x.device.type == "cpu" else None):
+    with cpu_training(settings.threads if x.rows.device.type == "cpu" else None):
         if x_val is not None:
             # The starting state competes too, so a good initialization (EM) is never lost.
             checkpoints.validate(0, _mean_nll(model, x_val, settings.batch_size))
@@ -256,7 +274,7 @@ def fit(
             for step in range(1, steps + 1):
                 for group in optimizer.param_groups:
                     group["lr"] = settings.lr * settings.factor(step - 1, steps)
-                loss = _batch_loss(model, x[next(batches)])
+                loss = _batch_loss(model, x.take(next(batches)))
                 value = loss.item()
                 if not math.isfinite(value):
                     raise _Divergence(f"the training loss is {value}")
@@ -463,24 +481,64 @@ def _trainable_parameters(model: Any) -> list[nn.Parameter]:
     return params
 
 
+@dataclass(frozen=True)
+class _Pairs:
+    """Data rows with their context rows (``context`` is ``None`` for an unconditional model)."""
+
+    rows: torch.Tensor
+    context: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, index: torch.Tensor | slice) -> _Pairs:
+        """The pairs at ``index``."""
+        return _Pairs(self.rows[index], None if self.context is None else self.context[index])
+
+    def to(self, device: torch.device) -> _Pairs:
+        """The pairs on ``device``."""
+        context = None if self.context is None else self.context.to(device)
+        return _Pairs(self.rows.to(device), context)
+
+    def distribution(self, model: nn.Module) -> Distribution:
+        """``model()``, or ``model(context)`` for a conditional model."""
+        return model() if self.context is None else model(self.context)
+
+
 def _prepare_rows(
     model: nn.Module,
     data: Any,
+    context: Any,
     validation: Any,
+    validation_context: Any,
     settings: _Settings,
     params: list[nn.Parameter],
     device: str | torch.device | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Generator]:
+) -> tuple[_Pairs, _Pairs | None, torch.Generator]:
     """Checks the rows, moves the model, seeds, splits: ``(train, validation, generator)``.
 
-    The rows take the dtype of the model's first floating-point parameter and go to ``device``
-    (default: the parameters' device), where the model goes too.
+    The rows (and context rows) take the dtype of the model's first floating-point parameter
+    and go to ``device`` (default: the parameters' device), where the model goes too.
     """
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     dtype = torch.get_default_dtype() if dtype is None else dtype
     device = params[0].device if device is None else torch.device(device)
-    x = _as_rows("data", data, dtype)
-    x_val = None if settings.fraction is not None else _as_rows("validation", validation, dtype)
+    explicit = settings.fraction is None
+    if validation_context is not None and (context is None or not explicit):
+        raise ValueError(
+            "`validation_context` goes with `context` and explicit `validation` rows; "
+            "a validation fraction takes its context rows from `context`"
+        )
+    if context is not None and explicit and validation_context is None:
+        raise ValueError(
+            "`validation` rows of a conditional model need their `validation_context` rows"
+        )
+    x = _with_context("data", data, "context", context, dtype)
+    x_val = None
+    if explicit:
+        x_val = _with_context(
+            "validation", validation, "validation_context", validation_context, dtype
+        )
     model.to(device)
     seed = settings.seed
     if seed is not None:
@@ -488,11 +546,40 @@ def _prepare_rows(
     else:
         seed = int(torch.randint(0, 2**62, ()).item())
     generator = torch.Generator().manual_seed(seed)
+    probe = x.take(slice(0, 1))
     with torch.no_grad():
-        x, x_val = _match_event_shape(model(), x, x_val)
+        try:
+            dist = probe.distribution(model)
+        except TypeError as error:
+            if probe.context is None:
+                raise
+            raise TypeError(
+                f"`model` was given a `context` but calling it with one failed ({error}); "
+                "is the model conditional?"
+            ) from error
+        x, x_val = _match_event_shape(dist, x, x_val, probe.context)
     if settings.fraction:
-        x, x_val = split_validation(x, settings.fraction, generator=generator)
+        train, val = split_validation(torch.arange(len(x)), settings.fraction, generator=generator)
+        x, x_val = x.take(train), x.take(val)
     return x.to(device), None if x_val is None else x_val.to(device), generator
+
+
+def _with_context(
+    name: str, data: Any, context_name: str, context: Any, dtype: torch.dtype
+) -> _Pairs:
+    """Checked rows and context rows (``(N,)`` context rows become ``(N, 1)``), paired."""
+    rows = _as_rows(name, data, dtype)
+    if context is None:
+        return _Pairs(rows)
+    context_rows = _as_rows(context_name, context, dtype)
+    if context_rows.dim() == 1:
+        context_rows = context_rows.unsqueeze(-1)
+    if len(context_rows) != len(rows):
+        raise ValueError(
+            f"`{context_name}` has {len(context_rows)} row(s) but `{name}` has {len(rows)}; "
+            "give one context row per data row"
+        )
+    return _Pairs(rows, context_rows)
 
 
 def _optimizer(params: list[nn.Parameter], settings: _Settings) -> torch.optim.Optimizer:
@@ -502,9 +589,10 @@ def _optimizer(params: list[nn.Parameter], settings: _Settings) -> torch.optim.O
     return torch.optim.Adam(params, lr=settings.lr)
 
 
-def _batch_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def _batch_loss(model: nn.Module, pairs: _Pairs) -> torch.Tensor:
     """Mean negative log-likelihood of one mini-batch; checks the shape of ``log_prob``."""
-    log_prob = model().log_prob(batch)
+    batch = pairs.rows
+    log_prob = pairs.distribution(model).log_prob(batch)
     if log_prob.shape != batch.shape[:1]:
         raise ValueError(
             f"`model().log_prob` of a batch of shape {tuple(batch.shape)} has shape "
@@ -680,29 +768,41 @@ def _as_rows(name: str, data: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _match_event_shape(
-    dist: Any, x: torch.Tensor, x_val: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Checks ``model()`` against the rows; swaps ``(N,)`` and ``(N, 1)`` when needed."""
+    dist: Any, x: _Pairs, x_val: _Pairs | None, probe_context: torch.Tensor | None
+) -> tuple[_Pairs, _Pairs | None]:
+    """Checks the model's distribution against the rows; swaps ``(N,)`` and ``(N, 1)`` rows.
+
+    ``dist`` is ``model()``, or ``model(context)`` for the first context row (shape ``(1, C)``),
+    whose batch shape must then be ``(1,)``: one distribution per context row.
+    """
+    call = "model()" if probe_context is None else "model(context)"
     if not isinstance(dist, Distribution):
         raise TypeError(
-            f"`model()` must return a torch.distributions.Distribution, got {type(dist).__name__}"
+            f"`{call}` must return a torch.distributions.Distribution, got {type(dist).__name__}"
         )
-    if dist.batch_shape:
+    if probe_context is None and dist.batch_shape:
         raise ValueError(
             f"`model()` returned a distribution with batch_shape {tuple(dist.batch_shape)}; fit "
             "needs batch_shape () (wrap it in torch.distributions.Independent to move batch "
             "dimensions into event_shape)"
         )
+    if probe_context is not None and tuple(dist.batch_shape) != (1,):
+        raise ValueError(
+            f"`model(context)` for a context of shape {tuple(probe_context.shape)} returned "
+            f"batch_shape {tuple(dist.batch_shape)}; fit needs one distribution per context "
+            "row, batch_shape (1,) (is the model conditional?)"
+        )
     event_shape = tuple(dist.event_shape)
 
-    def match(name: str, rows: torch.Tensor) -> torch.Tensor:
+    def match(name: str, pairs: _Pairs) -> _Pairs:
+        rows = pairs.rows
         row_shape = tuple(rows.shape[1:])
         if row_shape == event_shape:
-            return rows
+            return pairs
         if row_shape == () and event_shape == (1,):
-            return rows.unsqueeze(-1)
+            return _Pairs(rows.unsqueeze(-1), pairs.context)
         if row_shape == (1,) and event_shape == ():
-            return rows.squeeze(-1)
+            return _Pairs(rows.squeeze(-1), pairs.context)
         raise ValueError(
             f"`{name}` has rows of shape {row_shape} (shape {tuple(rows.shape)}) but the "
             f"model's distribution has event_shape {event_shape}"
@@ -720,15 +820,20 @@ def _shuffled_batches(
 
 
 @torch.no_grad()
-def _mean_nll(model: nn.Module, x: torch.Tensor, batch_size: int) -> float:
-    """Mean negative log-likelihood of ``x`` in batches, in eval mode, summed in float64."""
+def _mean_nll(model: nn.Module, pairs: _Pairs, batch_size: int) -> float:
+    """Mean negative log-likelihood of the rows in batches, in eval mode, summed in float64."""
     model.eval()
     try:
-        dist = model()
-        total = sum(-dist.log_prob(chunk).sum().item() for chunk in x.split(batch_size))
+        total = 0.0
+        dist = None if pairs.context is not None else model()  # one distribution for all rows
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs.take(slice(start, start + batch_size))
+            current = dist if dist is not None else chunk.distribution(model)
+            log_prob = current.log_prob(chunk.rows)
+            total -= log_prob.sum().item()
     finally:
         model.train()
-    return total / len(x)
+    return total / len(pairs)
 
 
 def _copy_state(target: dict[str, Any], model: nn.Module) -> None:
