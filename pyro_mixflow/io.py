@@ -148,7 +148,7 @@ def stored_arguments(model: nn.Module) -> dict[str, Any]:
     Example:
         >>> from pyro_mixflow.nn import CWM
         >>> stored_arguments(CWM(2, num_components=3, hidden_dims=[8]))
-        {'input_dim': 2, 'num_components': 3, 'hidden_dims': (8,)}
+        {'input_dim': 2, 'num_components': 3, 'hidden_dims': (8,), 'context_dim': None}
     """
     cls = type(model)
     _registry_name(model)

@@ -84,12 +84,19 @@ def test_models_record_their_constructor_arguments():
         "num_components": 3,
         "estimator": "exact",
         "temperature": 0.5,
+        "context_dim": None,
+        "hidden_dims": None,
     }
     cwm = CWM(2, hidden_dims=[8])
     assert cwm.init_arguments["hidden_dims"] == [8]
     assert cwm.init_arguments["activation"] is torch.nn.Tanh
     # Stored: lists as tuples, a non-plain default (the activation class) left out.
-    assert stored_arguments(cwm) == {"input_dim": 2, "num_components": 50, "hidden_dims": (8,)}
+    assert stored_arguments(cwm) == {
+        "input_dim": 2,
+        "num_components": 50,
+        "hidden_dims": (8,),
+        "context_dim": None,
+    }
     # The nested GMM of a flow records its own arguments, the flow its own.
     flow = MixtureFlow(2, num_components=3, num_transforms=1, hidden_dims=(8,))
     assert flow.init_arguments["num_components"] == 3 and "tail_bound" in flow.init_arguments

@@ -46,8 +46,12 @@ class ClassifierWeightedMixture(NoClosedFormMixin, TorchDistribution):
     Args:
         locs: Component locations :math:`\mu`, shape ``(*batch, K, D)``.
         scales: Component scales :math:`\sigma`, positive, broadcastable with ``locs``.
-        classifier: An ``nn.Module`` or callable mapping ``(..., D)`` to ``(..., K)`` logits,
-            shared by every batch element. It must be picklable for ``torch.save``.
+        classifier: An ``nn.Module`` or callable mapping ``(..., D)`` to ``(..., K)`` logits.
+            It is always called on points of shape ``(..., *batch, D)``: the dimensions left
+            of :math:`D` end with the batch shape, so a classifier that differs per batch
+            element (a conditional one, bound to a context ``(*batch, C)``, as
+            :class:`~pyro_mixflow.nn.CWM` builds it) broadcasts its own ``(*batch, ...)``
+            tensors against them. It must be picklable for ``torch.save``.
         validate_args: Check parameters and values (torch's default when ``None``).
 
     Example:
@@ -89,9 +93,9 @@ class ClassifierWeightedMixture(NoClosedFormMixin, TorchDistribution):
         self.scales = scales.expand(param_shape)
         self.classifier = classifier
         super().__init__(param_shape[:-2], param_shape[-1:], validate_args=validate_args)
-        if self._validate_args:  # one point, to report a wrong output size at construction
+        if self._validate_args:  # one point per batch element: a wrong output size fails now
             with torch.no_grad():
-                self._logits(locs.new_zeros(1, param_shape[-1]))
+                self._logits(locs.new_zeros((1, *param_shape[:-2], param_shape[-1])))
 
     def expand(  # noqa: D102
         self,
@@ -170,8 +174,7 @@ class ClassifierWeightedMixture(NoClosedFormMixin, TorchDistribution):
             far = (diff / self.scales).square().sum(-1) == math.inf  # [*S, *B, K]
         # The classifier sees 0 there, and no inf reaches it or the backward pass.
         z = diff.masked_fill(far.unsqueeze(-1), 0.0) / self.scales
-        logits = self._logits(z.to(self.locs.dtype))  # the classifier's dtype, as `locs`
-        log_w = logits.log_softmax(-1).diagonal(dim1=-2, dim2=-1)  # [*S, *B, K]
+        log_w = self._own_log_weights(z.to(self.locs.dtype))  # the classifier's dtype, as `locs`
         log_normal = (
             (-0.5 * z.square().sum(-1)).masked_fill(far, -math.inf)
             - self.scales.log().sum(-1)
@@ -321,7 +324,7 @@ class ClassifierWeightedMixture(NoClosedFormMixin, TorchDistribution):
         z = (values - target.locs) / target.scales  # [*S, *B, K, D], each row equal to z
         own_log_w = log_weights
         if stick_the_landing:  # the classifier at detached parameters, gradients through x_k
-            own_log_w = target._logits(z).log_softmax(-1).diagonal(dim1=-2, dim2=-1)
+            own_log_w = target._own_log_weights(z)
         own = (
             own_log_w - 0.5 * z.square().sum(-1) - target.scales.log().sum(-1) - dim * HALF_LOG_2PI
         )  # [*S, *B, K]: c_k, the own-component term of log p(x_k)
@@ -373,6 +376,15 @@ class ClassifierWeightedMixture(NoClosedFormMixin, TorchDistribution):
     def _base_sample(self, sample_shape: torch.Size) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         return torch.randn(shape, dtype=self.locs.dtype, device=self.locs.device)
+
+    def _own_log_weights(self, z: torch.Tensor) -> torch.Tensor:
+        """``log w_k(z_k)`` ``(..., *batch, K)`` at component points ``z`` ``(..., *batch, K, D)``.
+
+        The component axis moves to the front for the classifier call, so that the batch
+        dimensions stay just left of :math:`D` (the classifier's contract).
+        """
+        logits = self._logits(z.movedim(-2, 0))  # [K, ..., *B, K]
+        return logits.log_softmax(-1).movedim(0, -2).diagonal(dim1=-2, dim2=-1)  # [..., *B, K]
 
     def _logits(self, z: torch.Tensor) -> torch.Tensor:
         """Classifier logits ``(..., K)`` at points ``z`` ``(..., D)``, with the shape checked."""

@@ -15,6 +15,7 @@ from torch.distributions.transforms import AffineTransform
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions import MixtureBaseFlow
 from pyro_mixflow.nn._base import DensityModel
+from pyro_mixflow.nn._context import check_context, check_context_dim
 from pyro_mixflow.nn.gmm import GMM
 from pyro_mixflow.transforms import NflowsTransform
 
@@ -37,6 +38,18 @@ class MixtureFlow(DensityModel):
     EM fit of the base mixture to the standardized data: before training, the model is then the
     EM mixture, and training can only improve on it (with ``fit``'s best-state restore).
 
+    With ``context_dim`` the flow is conditional, :math:`p(x \mid c)`: the base is a
+    conditional :class:`GMM` (a mixture density network) and every spline's residual network
+    also reads the context (nflows' ``context_features``; in 1-D the spline is an nflows
+    coupling whose only input is the context). Both see the same standardized context
+    :math:`\tilde c = (c - \text{loc}) / \text{scale}`, whose buffers live in the base
+    (``base.context_standardizer``). ``model(context)`` with ``context`` of shape
+    ``(*batch, C)`` returns a flow with ``batch_shape == context.shape[:-1]``. Each
+    :math:`p(\cdot \mid c)` is a normalized mixture pushed through bijections, so it
+    integrates to 1 for every :math:`c`. The output layers start at zero (the splines at the
+    identity, the base network at the EM solution after :meth:`init_from_data`), so the
+    untrained model is the EM mixture for every context.
+
     Args:
         input_dim: Dimension :math:`D` of the data.
         num_components: Components of the base mixture (50, as for every density model of
@@ -48,6 +61,8 @@ class MixtureFlow(DensityModel):
         tail_bound: Splines act on ``[-tail_bound, tail_bound]`` of the standardized space.
         estimator: The base mixture's ``rsample``: ``"exact"``, ``"gumbel_softmax"`` or
             ``"straight_through"`` (see :class:`GMM`).
+        context_dim: Dimension :math:`C` of the context; ``None`` (default) for the
+            unconditional flow. The conditional base network has the widths ``hidden_dims``.
 
     Example:
         >>> model = MixtureFlow(2, num_components=4, num_transforms=2, hidden_dims=(16, 16))
@@ -55,6 +70,12 @@ class MixtureFlow(DensityModel):
         >>> flow = model.init_from_data(data)()
         >>> flow.log_prob(data).shape, flow.rsample((5,)).shape
         (torch.Size([300]), torch.Size([5, 2]))
+        >>> model = MixtureFlow(2, num_components=4, num_transforms=2, hidden_dims=(16, 16),
+        ...                     context_dim=3)
+        >>> context = torch.randn(300, 3)
+        >>> flow = model.init_from_data(data, context)(context)
+        >>> flow.batch_shape, flow.log_prob(data).shape, flow.rsample((5,)).shape
+        (torch.Size([300]), torch.Size([300]), torch.Size([5, 300, 2]))
 
     References:
         Neural Spline Flows. C. Durkan, A. Bekasov, I. Murray, G. Papamakarios, 2019.
@@ -71,21 +92,34 @@ class MixtureFlow(DensityModel):
         num_bins: int = 8,
         tail_bound: float = 4.0,
         estimator: str = "exact",
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("num_transforms", num_transforms)
+        self.context_dim = check_context_dim(context_dim)
         check_positive_int("num_bins", num_bins)
         hidden_dims = tuple(hidden_dims)
         if not hidden_dims or len(set(hidden_dims)) != 1:
             raise ValueError(f"`hidden_dims` must be equal positive sizes, got {hidden_dims}")
         check_positive_int("hidden_dims[0]", hidden_dims[0])
-        self.base = GMM(input_dim, num_components, estimator=estimator)
+        if context_dim is None:
+            self.base = GMM(input_dim, num_components, estimator=estimator)
+        else:
+            self.base = GMM(
+                input_dim,
+                num_components,
+                estimator=estimator,
+                context_dim=context_dim,
+                hidden_dims=hidden_dims,
+            )
         layers = []
         for i in range(num_transforms):
-            if input_dim == 1:
+            if input_dim == 1 and context_dim is None:
                 layers.append(Spline(1, count_bins=num_bins, bound=tail_bound))
                 continue
-            mask = (torch.arange(input_dim) + i) % 2
+            # In 1-D (conditional only) every feature is transformed: the spline's network
+            # reads the context alone.
+            mask = (torch.arange(input_dim) + i) % 2 if input_dim > 1 else torch.ones(1)
 
             def net(
                 in_features: int,
@@ -93,7 +127,13 @@ class MixtureFlow(DensityModel):
                 width: int = hidden_dims[0],
                 depth: int = len(hidden_dims),
             ) -> ResidualNet:
-                return ResidualNet(in_features, out_features, width, num_blocks=depth)
+                return ResidualNet(
+                    in_features,
+                    out_features,
+                    width,
+                    context_features=context_dim,
+                    num_blocks=depth,
+                )
 
             spline = PiecewiseRationalQuadraticCouplingTransform(
                 mask, net, num_bins=num_bins, tails="linear", tail_bound=tail_bound
@@ -105,26 +145,52 @@ class MixtureFlow(DensityModel):
         self.register_buffer("scale", torch.ones(input_dim))
 
     def forward(self, context: torch.Tensor | None = None) -> MixtureBaseFlow:
-        """Returns the flow at the current parameters (``context`` is not used yet)."""
-        if context is not None:
-            raise ValueError("`MixtureFlow` is unconditional: `context` must be None")
+        """Returns the flow at the current parameters (given ``context`` if conditional).
+
+        Args:
+            context: ``None`` for an unconditional model; a floating-point tensor of shape
+                ``(*batch, C)`` for a conditional one.
+
+        Returns:
+            A flow with ``batch_shape == context.shape[:-1]`` (``()`` when unconditional) and
+            ``event_shape == (D,)``.
+        """
+        context = check_context("MixtureFlow", context, self.context_dim)
         standardization = AffineTransform(self.shift, self.scale, event_dim=1)
-        return MixtureBaseFlow(self.base(), [*self.transforms, standardization])
+        if context is None:
+            return MixtureBaseFlow(self.base(), [*self.transforms, standardization])
+        standardized = self.base.standardized(context)
+        # Fresh adapters bound to this context (each caches its last pair of values).
+        layers = [NflowsTransform(t.transform, context=standardized) for t in self.transforms]
+        return MixtureBaseFlow(self.base(context), [*layers, standardization])
 
     @torch.no_grad()
     def init_from_data(
-        self, data: torch.Tensor, *, max_iter: int = 200, seed: int = 0
+        self,
+        data: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        max_iter: int = 200,
+        seed: int = 0,
     ) -> MixtureFlow:
         """Sets the standardization from the data and fits the base mixture by EM.
 
+        A conditional model also sets its context standardization from ``context`` (when
+        given), its base network's last layer to weight 0 and bias at the EM solution, and its
+        splines back to the identity: it is then the EM mixture for every context.
+
         Args:
             data: Tensor of shape ``(N, D)``.
+            context: Tensor of shape ``(N, C)`` paired with ``data``, conditional models only;
+                ``None`` leaves the context standardization as it is.
             max_iter: EM iterations.
             seed: Seed of EM's k-means initialization.
 
         Returns:
             ``self``, for chaining.
         """
+        if self.context_dim is None and context is not None:
+            raise ValueError("`MixtureFlow` is unconditional: `context` must be None")
         data = torch.as_tensor(data)
         if data.dim() != 2 or data.shape[-1] != self.base.input_dim:
             raise ValueError(
@@ -133,7 +199,13 @@ class MixtureFlow(DensityModel):
         data = data.to(self.shift)
         self.shift.copy_(data.mean(0))
         self.scale.copy_(data.std(0).clamp(min=1e-6))
-        self.base.init_from_data((data - self.shift) / self.scale, max_iter=max_iter, seed=seed)
+        standardized = (data - self.shift) / self.scale
+        if self.context_dim is None:
+            self.base.init_from_data(standardized, max_iter=max_iter, seed=seed)
+            return self
+        self.base.init_from_data(standardized, context, max_iter=max_iter, seed=seed)
+        for layer in self.transforms:
+            _start_at_identity(layer.transform, layer.transform.num_bins)
         return self
 
 

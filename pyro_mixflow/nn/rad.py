@@ -11,6 +11,7 @@ from torch.distributions.transforms import AffineTransform
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.rad_flow import RADFlow
 from pyro_mixflow.nn._base import DensityModel
+from pyro_mixflow.nn._context import ContextStandardizer, check_context, check_context_dim
 from pyro_mixflow.transforms.rad import RADCoupling
 
 __all__ = ["RAD"]
@@ -54,6 +55,18 @@ class RAD(DensityModel):
     rings (0.023 to 0.093); folding in every layer, or folds on 4 standard deviations, were
     worse on all three.
 
+    **Conditional** (``context_dim=C``): ``model(context)`` for a context of shape
+    ``(*batch, C)`` returns the flow of batch shape ``*batch``. The standardized context
+    :math:`\tilde c` (buffers of ``standardizer``, set by :meth:`init_from_data`) is
+    concatenated to :math:`x_a` at the input of every layer's coupling network (piece widths
+    and elementwise splines) and gating network (see
+    :class:`~pyro_mixflow.transforms.RADCoupling`). The final map :math:`x = m + s \odot y`
+    stays the fixed data standardization (it has no learnable parameters; the layers'
+    conditional splines already move and scale the data per context). For a fixed :math:`c`
+    every layer is an unconditional RAD layer, so :math:`\log p(x \mid c)` is exact and
+    integrates to one for every context. The networks' last layers start at zero, so the
+    untrained model is the same flow for every context.
+
     Args:
         input_dim: Dimension :math:`D` of the data.
         num_layers: Number :math:`L` of RAD layers.
@@ -67,6 +80,7 @@ class RAD(DensityModel):
         bound: Half-width of the folded interval, in standard deviations of the data.
         elementwise: Each layer's elementwise map, ``"spline"``, ``"affine"`` or ``"none"``.
         num_bins: Bins of the elementwise splines.
+        context_dim: Dimension :math:`C` of the context (``None``: unconditional).
 
     Example:
         >>> model = RAD(2, num_layers=2, num_pieces=3, hidden_dims=(8,))
@@ -74,6 +88,11 @@ class RAD(DensityModel):
         >>> flow = model.init_from_data(data)()
         >>> flow.log_prob(data).shape, flow.rsample((5,)).shape
         (torch.Size([300]), torch.Size([5, 2]))
+        >>> conditional = RAD(2, num_layers=2, hidden_dims=(8,), context_dim=1)
+        >>> context = torch.randn(300, 1)
+        >>> flow = conditional.init_from_data(data, context)(context)
+        >>> flow.batch_shape, flow.log_prob(data).shape, flow.sample((5,)).shape
+        (torch.Size([300]), torch.Size([300]), torch.Size([5, 300, 2]))
 
     References:
         A RAD approach to deep mixture models. L. Dinh, J. Sohl-Dickstein, R. Pascanu,
@@ -92,11 +111,13 @@ class RAD(DensityModel):
         bound: float = 3.0,
         elementwise: str = "spline",
         num_bins: int = 8,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("input_dim", input_dim)
         check_positive_int("num_layers", num_layers)
         self.input_dim = input_dim
+        self.context_dim = check_context_dim(context_dim)
         self.num_pieces = _pieces_per_layer(num_pieces, num_layers, fold_ends)
         self.layers = nn.ModuleList(
             RADCoupling(
@@ -108,25 +129,45 @@ class RAD(DensityModel):
                 parity=i % 2,
                 elementwise=elementwise,
                 num_bins=num_bins,
+                context_dim=context_dim,
             )
             for i in range(num_layers)
         )
+        if context_dim is not None:
+            self.standardizer = ContextStandardizer(context_dim)
         self.register_buffer("shift", torch.zeros(input_dim))
         self.register_buffer("scale", torch.ones(input_dim))
 
     def forward(self, context: torch.Tensor | None = None) -> RADFlow:
-        """Returns the flow at the current parameters (``context`` is not used yet)."""
-        if context is not None:
-            raise ValueError("`RAD` is unconditional: `context` must be None")
+        """Returns the flow at the current parameters (at ``context`` if conditional).
+
+        Args:
+            context: ``None`` for an unconditional model; else a floating-point tensor of
+                shape ``(*batch, C)``, and the flow has batch shape ``*batch``.
+
+        Returns:
+            A :class:`~pyro_mixflow.distributions.RADFlow`.
+        """
+        context = check_context("RAD", context, self.context_dim)
         standardization = AffineTransform(self.shift, self.scale, event_dim=1)
-        return RADFlow([*self.layers, standardization])
+        if context is None:
+            return RADFlow([*self.layers, standardization])
+        context = self.standardizer(context.to(self.shift.dtype))
+        return RADFlow([*self.layers, standardization], context=context)
 
     @torch.no_grad()
-    def init_from_data(self, data: torch.Tensor, *, seed: int = 0) -> RAD:
+    def init_from_data(
+        self, data: torch.Tensor, context: torch.Tensor | None = None, *, seed: int = 0
+    ) -> RAD:
         """Sets the standardization to the data's mean and standard deviation.
+
+        A conditional model given ``context`` also sets its context standardization to the
+        context rows' mean and standard deviation.
 
         Args:
             data: Tensor or array of shape ``(N, D)``.
+            context: The context rows ``(N, C)`` of a conditional model (optional; without
+                it the context standardization is left as it is).
             seed: Unused (the layers need no data-dependent start); kept for the common
                 ``init_from_data(data, seed=...)`` call of the trainable models.
 
@@ -138,6 +179,15 @@ class RAD(DensityModel):
             raise ValueError(
                 f"`data` must have shape (N, {self.input_dim}), got {tuple(data.shape)}"
             )
+        if context is not None:
+            context = torch.as_tensor(context)
+            check_context("RAD", context, self.context_dim)
+            if context.dim() != 2 or len(context) != len(data):
+                raise ValueError(
+                    f"`context` must have shape ({len(data)}, {self.context_dim}), one row per "
+                    f"row of `data`, got {tuple(context.shape)}"
+                )
+            self.standardizer.fit(context)
         data = data.to(self.shift)
         self.shift.copy_(data.mean(0))
         scale = data.std(0).clamp(min=1e-6) if len(data) > 1 else torch.ones_like(self.shift)

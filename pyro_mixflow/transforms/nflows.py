@@ -36,9 +36,13 @@ class NflowsTransform(TransformModule):
               \log\left|\det \frac{\partial y}{\partial x}\right| = \text{logabsdet of } T^{-1}.
 
     Inputs of any batch shape ``(..., D)`` are flattened to ``(N, D)`` for nflows and reshaped
-    back. The log-determinant that nflows computes alongside each pass is cached with the pair
-    ``(x, y)``, so ``log_abs_det_jacobian`` right after a call costs nothing. As an
-    ``nn.Module`` it registers the nflows transform's parameters.
+    back. A ``context`` of shape ``(*batch, C)`` (for conditional transforms, such as couplings
+    whose networks take ``context_features``) is broadcast against the inputs' batch shape
+    (values ``(*sample, *batch, D)``) and flattened alongside, so that row :math:`n` of the
+    values meets row :math:`n` of the context. The log-determinant that nflows computes
+    alongside each pass is cached with the pair ``(x, y)``, so ``log_abs_det_jacobian`` right
+    after a call costs nothing. As an ``nn.Module`` it registers the nflows transform's
+    parameters.
 
     What works on torch 2.x (nflows 0.14, checked in the tests): coupling transforms (affine,
     rational-quadratic), masked autoregressive transforms, permutations, ``LULinear`` (which
@@ -51,7 +55,8 @@ class NflowsTransform(TransformModule):
 
     Args:
         transform: An ``nflows.transforms.Transform`` acting on vectors of size ``D``.
-        context: Optional context tensor passed to nflows at every call.
+        context: Optional context of shape ``(*batch, C)`` passed to nflows at every call,
+            broadcast against the inputs' batch shape.
 
     Example:
         >>> from nflows.transforms import MaskedAffineAutoregressiveTransform
@@ -94,8 +99,16 @@ class NflowsTransform(TransformModule):
         return log_det
 
     def _run(self, fn: Callable, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_shape = value.shape[:-1]
-        out, log_det = fn(value.reshape(-1, value.shape[-1]), context=self.context)
+        context = self.context
+        if context is None:
+            batch_shape = value.shape[:-1]
+        else:
+            batch_shape = _broadcast_batch(value, context)
+            value = value.expand(batch_shape + value.shape[-1:])
+            context = context.expand(batch_shape + context.shape[-1:]).reshape(
+                -1, context.shape[-1]
+            )
+        out, log_det = fn(value.reshape(-1, value.shape[-1]), context=context)
         return out.reshape(batch_shape + out.shape[-1:]), log_det.reshape(batch_shape)
 
 
@@ -150,3 +163,14 @@ class NflowsBase(_NflowsDistribution):
 
     def _mean(self, context: torch.Tensor | None) -> torch.Tensor:
         return self.distribution().mean
+
+
+def _broadcast_batch(value: torch.Tensor, context: torch.Tensor) -> torch.Size:
+    """The broadcast of the batch shapes of ``value (..., D)`` and ``context (..., C)``."""
+    try:
+        return torch.broadcast_shapes(value.shape[:-1], context.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"`context` of shape {tuple(context.shape)} does not broadcast against values of "
+            f"shape {tuple(value.shape)}: expected (*batch, C) for values (*sample, *batch, D)"
+        ) from None

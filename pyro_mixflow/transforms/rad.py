@@ -104,6 +104,15 @@ class RADCoupling(nn.Module):
     maximum-likelihood training stalls in our experiments. A steeper damping
     (:math:`1 - (u / B)^{32}`) comes close to that: it doubled the benchmark checkerboard's KL.
 
+    **Conditional** (``context_dim=C``): every method takes a ``context`` of shape
+    ``(*batch, C)``, broadcast against the points' ``(..., *batch)``, and both networks read it
+    next to :math:`x_a`: the widths and elementwise maps are functions of :math:`(x_a, c)` and
+    the gating of :math:`(x_a, c, u, c_k, k)`. For a fixed :math:`c` the layer is an
+    unconditional one (the argument above holds for each :math:`c`), so the density
+    integrates to one for every context. The networks' last layers start at zero, so the
+    untrained layer does not depend on the context. (The context is taken as it is:
+    :class:`~pyro_mixflow.nn.RAD` standardizes it first.)
+
     Args:
         input_dim: Dimension :math:`D` of the points.
         num_pieces: Number :math:`K` of pieces of the fold (1: no fold; the layer is then a
@@ -120,6 +129,7 @@ class RADCoupling(nn.Module):
         num_bins: Bins of the elementwise spline.
         min_width: Smallest piece width as a fraction of :math:`2B / K` (bounds the slopes).
         continuous: Damp the gating network by :math:`\rho(u)` (a continuous density).
+        context_dim: Dimension :math:`C` of the context (``None``: unconditional).
 
     Example:
         >>> layer = RADCoupling(2, num_pieces=3, hidden_dims=(8,))
@@ -151,6 +161,7 @@ class RADCoupling(nn.Module):
         num_bins: int = 8,
         min_width: float = 0.01,
         continuous: bool = True,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("input_dim", input_dim)
@@ -173,6 +184,9 @@ class RADCoupling(nn.Module):
             raise ValueError(f"`elementwise` must be one of {_ELEMENTWISE}, got {elementwise!r}")
         if not 0 <= min_width < 1:
             raise ValueError(f"`min_width` must be in [0, 1), got {min_width!r}")
+        if context_dim is not None:
+            check_positive_int("context_dim", context_dim)
+        self.context_dim = context_dim
         self.input_dim, self.num_pieces, self.bound = input_dim, num_pieces, float(bound)
         self.elementwise, self.num_bins, self.min_width = elementwise, num_bins, min_width
         self.continuous = bool(continuous)
@@ -183,8 +197,9 @@ class RADCoupling(nn.Module):
         d_a, d_b = len(kept), len(folded)
         per_coordinate = {"spline": 2 * (3 * num_bins + 1), "affine": 2, "none": 0}[elementwise]
         self._map_size = per_coordinate
+        d_c = context_dim or 0  # the context is read next to x_a
         self.conditioner = _Conditioner(
-            d_a, d_b * (num_pieces + per_coordinate), hidden_dims, network, _CONDITIONER_SCALE
+            d_a + d_c, d_b * (num_pieces + per_coordinate), hidden_dims, network, _CONDITIONER_SCALE
         )
         if elementwise == "spline":
             bias = self.conditioner.last_bias().view(d_b, num_pieces + per_coordinate)
@@ -193,23 +208,26 @@ class RADCoupling(nn.Module):
                 bias[:, num_pieces:] = splines / _CONDITIONER_SCALE
         self.gate = None  # with one piece the fold is the identity map and there is no choice
         if num_pieces > 1:
-            gate_inputs = d_a + 2 * d_b + num_pieces
+            gate_inputs = d_a + d_c + 2 * d_b + num_pieces
             self.gate = _Conditioner(gate_inputs, d_b, hidden_dims, network, _GATE_SCALE)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Data to latent: the latent point and the layer's log-weight.
 
         Args:
             x: Points of shape ``(..., D)``.
+            context: The context ``(*batch, C)`` of a conditional layer (else ``None``).
 
         Returns:
             ``(z, log_weight)`` of shapes ``(..., D)`` and ``(...)``, with
             ``log_weight`` :math:`= \sum_j [\log p(k_j \mid u, x_a) + \log|\partial z_j /
             \partial x_{b,j}|]`.
         """
-        self._check_points("x", x)
+        x, features = self._inputs("x", x, context)
         x_a, x_b = x[..., self.kept], x[..., self.folded]
-        edges, log_widths, params = self._conditioning(x_a)
+        edges, log_widths, params = self._conditioning(features)
         x_b, log_det_pre = self._elementwise(x_b, params, inverse=False, pre=True)
         pieces = self._piece_index(x_b, edges)  # [..., d_b], K = outside
         inside = pieces < self.num_pieces
@@ -220,7 +238,7 @@ class RADCoupling(nn.Module):
         even = k.squeeze(-1) % 2 == 0
         t = torch.where(even, t, 1 - t)
         u = torch.where(inside, (self.bound * (2 * t - 1)).clamp(-self.bound, self.bound), x_b)
-        log_gate = self._log_gating(u, x_a, edges, log_widths)  # [..., d_b, K + 1]
+        log_gate = self._log_gating(u, features, edges, log_widths)  # [..., d_b, K + 1]
         log_weight = self._fold_log_weight(pieces, log_gate, log_widths)
         z, log_det = self._elementwise(u, params, inverse=False)
         return self._merge(x_a, z, x), (log_det_pre + log_weight + log_det).sum(-1)
@@ -228,6 +246,7 @@ class RADCoupling(nn.Module):
     def inverse(
         self,
         z: torch.Tensor,
+        context: torch.Tensor | None = None,
         *,
         pieces: torch.Tensor | None = None,
         straight_through: bool = False,
@@ -243,6 +262,7 @@ class RADCoupling(nn.Module):
 
         Args:
             z: Latent points of shape ``(..., D)``.
+            context: The context ``(*batch, C)`` of a conditional layer (else ``None``).
             pieces: Optional piece indices ``(..., d_b)`` (``K`` for outside), e.g. from
                 :meth:`piece_index`; drawn from the gating when ``None``.
             straight_through: Add the straight-through gating gradient.
@@ -250,11 +270,14 @@ class RADCoupling(nn.Module):
         Returns:
             Points of shape ``(..., D)``.
         """
-        return self.inverse_and_log_weight(z, pieces=pieces, straight_through=straight_through)[0]
+        return self.inverse_and_log_weight(
+            z, context, pieces=pieces, straight_through=straight_through
+        )[0]
 
     def inverse_and_log_weight(
         self,
         z: torch.Tensor,
+        context: torch.Tensor | None = None,
         *,
         pieces: torch.Tensor | None = None,
         straight_through: bool = False,
@@ -271,6 +294,7 @@ class RADCoupling(nn.Module):
 
         Args:
             z: Latent points of shape ``(..., D)``.
+            context: The context ``(*batch, C)`` of a conditional layer (else ``None``).
             pieces: Optional piece indices ``(..., d_b)``, as in :meth:`inverse`.
             straight_through: Add the straight-through gating gradient.
 
@@ -283,12 +307,12 @@ class RADCoupling(nn.Module):
             >>> torch.allclose(layer(x)[1], log_weight, atol=1e-4)
             True
         """
-        self._check_points("z", z)
+        z, features = self._inputs("z", z, context)
         x_a, z_b = z[..., self.kept], z[..., self.folded]
-        edges, log_widths, params = self._conditioning(x_a)
+        edges, log_widths, params = self._conditioning(features)
         u, minus_log_det = self._elementwise(z_b, params, inverse=True)
         candidates = self._candidates(u, edges, log_widths)  # [..., d_b, K]
-        log_gate = self._log_gating(u, x_a, edges, log_widths, candidates)  # [..., d_b, K + 1]
+        log_gate = self._log_gating(u, features, edges, log_widths, candidates)  # [..., d_b, K + 1]
         if pieces is None:
             pieces = Categorical(logits=log_gate.detach(), validate_args=False).sample()
         elif pieces.shape != u.shape:
@@ -305,39 +329,45 @@ class RADCoupling(nn.Module):
         log_weight = log_weight - minus_log_det - minus_log_det_pre
         return self._merge(x_a, x_b, z), log_weight.sum(-1)
 
-    def piece_index(self, x: torch.Tensor) -> torch.Tensor:
+    def piece_index(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         r"""The piece that each folded coordinate of ``x`` falls in.
 
         Args:
             x: Points of shape ``(..., D)``.
+            context: The context ``(*batch, C)`` of a conditional layer (else ``None``).
 
         Returns:
             Long tensor ``(..., d_b)``: ``0 .. K - 1`` inside :math:`[-B, B]`, ``K`` outside.
         """
-        self._check_points("x", x)
-        edges, _, params = self._conditioning(x[..., self.kept])
+        x, features = self._inputs("x", x, context)
+        edges, _, params = self._conditioning(features)
         x_b, _ = self._elementwise(x[..., self.folded], params, inverse=False, pre=True)
         return self._piece_index(x_b, edges)
 
-    def gating_log_probs(self, x_a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def gating_log_probs(
+        self, x_a: torch.Tensor, u: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         r"""The masked gating :math:`\log p(k_j \mid u, x_a)` of every piece.
 
         Args:
             x_a: Conditioning coordinates ``(..., D - d_b)``.
             u: Folded coordinates ``(..., d_b)`` (before the elementwise map).
+            context: The context ``(*batch, C)`` of a conditional layer (else ``None``).
 
         Returns:
             Tensor ``(..., d_b, K + 1)``: the last entry is the outside piece; impossible
             pieces (inner ones when :math:`|u_j| > B`, the outside one otherwise) get
             :math:`-\infty`; each row sums to one in probability.
         """
-        edges, log_widths, _ = self._conditioning(x_a)
-        return self._log_gating(u, x_a, edges, log_widths)
+        features = self._features(x_a, self._checked_context(context))
+        edges, log_widths, _ = self._conditioning(features)
+        return self._log_gating(u, features, edges, log_widths)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
             f"input_dim={self.input_dim}, num_pieces={self.num_pieces}, bound={self.bound}, "
             f"folded={self.folded.tolist()}, elementwise={self.elementwise!r}"
+            + ("" if self.context_dim is None else f", context_dim={self.context_dim}")
         )
 
     def _check_points(self, name: str, x: torch.Tensor) -> None:
@@ -345,10 +375,53 @@ class RADCoupling(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"`{name}` must have shape (..., {self.input_dim}), got {shape}")
 
-    def _conditioning(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Edges ``(..., d_b, K + 1)``, log-widths ``(..., d_b, K)``, map params."""
+    def _checked_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError("`RADCoupling` is unconditional: `context` must be None")
+            return None
+        if not isinstance(context, torch.Tensor) or context.dim() == 0:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else context
+            raise ValueError(
+                f"`RADCoupling` is conditional (context_dim={self.context_dim}): `context` must "
+                f"have shape (*batch, {self.context_dim}), got {got!r}"
+            )
+        if context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"`context.shape[-1]` must equal `context_dim` ({self.context_dim}): `context` "
+                f"has shape {tuple(context.shape)}"
+            )
+        return context
+
+    def _inputs(
+        self, name: str, x: torch.Tensor, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The points, broadcast against the context's batch, and the networks' features."""
+        self._check_points(name, x)
+        context = self._checked_context(context)
+        if context is not None:
+            batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            x = x.expand(*batch, self.input_dim)
+        return x, self._features(x[..., self.kept], context)
+
+    @staticmethod
+    def _features(x_a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """``x_a``, or ``(x_a, context)`` concatenated (broadcast): the networks' input."""
+        if context is None:
+            return x_a
+        batch = torch.broadcast_shapes(x_a.shape[:-1], context.shape[:-1])
+        context = context.to(x_a.dtype).expand(*batch, context.shape[-1])
+        return torch.cat([x_a.expand(*batch, x_a.shape[-1]), context], -1)
+
+    def _conditioning(
+        self, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Edges ``(..., d_b, K + 1)``, log-widths ``(..., d_b, K)``, map params.
+
+        ``features`` is :math:`x_a`, or :math:`(x_a, c)` for a conditional layer.
+        """
         d_b, num_pieces = len(self.folded), self.num_pieces
-        out = self.conditioner(x_a).unflatten(-1, (d_b, num_pieces + self._map_size))
+        out = self.conditioner(features).unflatten(-1, (d_b, num_pieces + self._map_size))
         unit = out[..., :num_pieces].softmax(-1)
         unit = (1 - self.min_width) * unit + self.min_width / num_pieces
         widths = 2 * self.bound * unit  # [..., d_b, K]
@@ -383,14 +456,14 @@ class RADCoupling(nn.Module):
     def _log_gating(
         self,
         u: torch.Tensor,
-        x_a: torch.Tensor,
+        features: torch.Tensor,
         edges: torch.Tensor,
         log_widths: torch.Tensor,
         candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         logits = log_widths
         if self.gate is not None:  # (one piece: nothing to choose)
-            logits = logits + self._free_gating(u, x_a, edges, log_widths, candidates)
+            logits = logits + self._free_gating(u, features, edges, log_widths, candidates)
         inside = (u.abs() <= self.bound).unsqueeze(-1)
         inner = torch.where(inside, logits.log_softmax(-1), -math.inf)
         outer = torch.where(inside, -math.inf, 0.0).to(u.dtype)
@@ -399,7 +472,7 @@ class RADCoupling(nn.Module):
     def _free_gating(
         self,
         u: torch.Tensor,
-        x_a: torch.Tensor,
+        features: torch.Tensor,
         edges: torch.Tensor,
         log_widths: torch.Tensor,
         candidates: torch.Tensor | None,
@@ -408,18 +481,18 @@ class RADCoupling(nn.Module):
         num_pieces = self.num_pieces
         if candidates is None:
             candidates = self._candidates(u, edges, log_widths)
-        batch = torch.broadcast_shapes(u.shape[:-1], x_a.shape[:-1])
+        batch = torch.broadcast_shapes(u.shape[:-1], features.shape[:-1])
         eye = torch.eye(num_pieces, dtype=u.dtype, device=u.device)
-        features = torch.cat(
+        inputs = torch.cat(
             [
-                x_a.unsqueeze(-2).expand(*batch, num_pieces, x_a.shape[-1]),
+                features.unsqueeze(-2).expand(*batch, num_pieces, features.shape[-1]),
                 u.unsqueeze(-2).expand(*batch, num_pieces, u.shape[-1]),
                 candidates.transpose(-1, -2).expand(*batch, num_pieces, u.shape[-1]),
                 eye.expand(*batch, num_pieces, num_pieces),
             ],
             -1,
-        )  # [..., K, d_a + 2 d_b + K]
-        free = self.gate(features).transpose(-1, -2)  # [..., d_b, K]
+        )  # [..., K, d_a (+ C) + 2 d_b + K]
+        free = self.gate(inputs).transpose(-1, -2)  # [..., d_b, K]
         if self.continuous:  # no gating preference where pieces meet (u = ±B)
             edge = (u.clamp(-self.bound, self.bound) / self.bound).square() ** _EDGE_POWER
             free = free * (1 - edge).unsqueeze(-1)
