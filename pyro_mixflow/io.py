@@ -51,6 +51,8 @@ class ModelKind:
         summary: One line for ``--help``.
         components: The constructor argument that ``--components`` sets (``None``: none).
         hidden_dims: The constructor argument that ``--hidden-dims`` sets (``None``: none).
+        context_hidden_dims: The argument ``--hidden-dims`` sets for a conditional model only
+            (with ``--context-columns``), where it differs from ``hidden_dims``.
         em_init: Whether ``init_from_data`` fits ``components`` mixture components by EM
             (which needs at least as many training rows).
         added_kwargs: Constructor arguments added after model files were first written, with
@@ -66,6 +68,7 @@ class ModelKind:
     summary: str
     components: str | None = "num_components"
     hidden_dims: str | None = None
+    context_hidden_dims: str | None = None
     em_init: bool = True
     added_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -79,7 +82,11 @@ class ModelKind:
 # Adding a model to the files and the command line is one entry here (its class derives from
 # `DensityModel`, and has `init_from_data` or trains from its constructor's initialization).
 MODELS: dict[str, ModelKind] = {
-    "gmm": ModelKind("GMM", "mixture of diagonal Gaussians (nn.GMM)"),
+    "gmm": ModelKind(
+        "GMM",
+        "mixture of diagonal Gaussians; with --context-columns a mixture density network (nn.GMM)",
+        context_hidden_dims="hidden_dims",  # its context network's widths
+    ),
     "flow": ModelKind(
         "MixtureFlow",
         "spline flow over a Gaussian-mixture base (nn.MixtureFlow)",

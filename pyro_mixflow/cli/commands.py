@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from pyro_mixflow.cli.files import check_output_suffix, read_rows, row_location, write_rows
-from pyro_mixflow.fitting import split_validation
+from pyro_mixflow.fitting import Pairs, split_validation
 from pyro_mixflow.io import MODELS, build_model, load_model_file, save_model, stored_arguments
 
-__all__ = ["CHUNK_ROWS", "CommandFailed", "run_fit", "run_sample", "run_score"]
+__all__ = ["CHUNK_ROWS", "CommandFailed", "context_positions", "run_fit", "run_sample", "run_score"]
 
 CHUNK_ROWS = 8192  # rows per forward pass of `score`/`sample` (bounded memory, progress bar)
 
@@ -58,32 +58,40 @@ def run_fit(args: argparse.Namespace) -> int:
     from pyro_mixflow import fit
 
     kind = MODELS[args.model]
-    if args.hidden_dims is not None and kind.hidden_dims is None:
-        raise ValueError(f"`--hidden-dims` does not apply to `--model {args.model}`")
+    rows, columns = read_rows(args.data)
+    positions = context_positions(args.context_columns, rows.shape[1], columns)
+    hidden = kind.hidden_dims or (kind.context_hidden_dims if positions else None)
+    if args.hidden_dims is not None and hidden is None:
+        without = " without `--context-columns`" if kind.context_hidden_dims else ""
+        raise ValueError(f"`--hidden-dims` does not apply to `--model {args.model}`{without}")
     if args.components is not None and kind.components is None:
         raise ValueError(f"`--components` does not apply to `--model {args.model}`")
     if args.out.is_dir():
         raise ValueError(f"`--out` {args.out} is a directory; give a file name")
-    rows, columns = read_rows(args.data)
-    train, val = rows, None
+    pairs = _split_table(rows, positions)
+    train, val = pairs, None
     if args.validation:
         generator = torch.Generator().manual_seed(args.seed)
         try:
-            train, val = split_validation(rows, args.validation, generator=generator)
+            index, val_index = split_validation(
+                torch.arange(len(rows)), args.validation, generator=generator
+            )
         except ValueError:  # the only one possible here: no rows left to train on
             raise ValueError(
                 f"`--validation {args.validation}` leaves no training rows out of {len(rows)}"
             ) from None
+        train, val = pairs.take(index), pairs.take(val_index)
     num_val = 0 if val is None else len(val)
 
     options: dict[str, Any] = {}
     if kind.components is not None:
         options[kind.components] = args.components
-    if kind.hidden_dims is not None:
-        options[kind.hidden_dims] = None if args.hidden_dims is None else tuple(args.hidden_dims)
+    if hidden is not None:
+        options[hidden] = None if args.hidden_dims is None else tuple(args.hidden_dims)
+    options["context_dim"] = len(positions) or None
     torch.manual_seed(args.seed)
     try:
-        model = build_model(args.model, rows.shape[1], **options)
+        model = build_model(args.model, train.rows.shape[1], **options)
     except ValueError as error:
         raise ValueError(f"`--model {args.model}`: {error}") from None
     kwargs = stored_arguments(model)
@@ -96,16 +104,21 @@ def run_fit(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if hasattr(model, "init_from_data"):
-        model.init_from_data(train, seed=args.seed)
+        if train.context is None:
+            model.init_from_data(train.rows, seed=args.seed)
+        else:
+            model.init_from_data(train.rows, train.context, seed=args.seed)
     try:
         history = fit(
             model,
-            train,
+            train.rows,
+            context=train.context,
             steps=args.steps,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
-            validation=val,
+            validation=None if val is None else val.rows,
+            validation_context=None if val is None else val.context,
             seed=args.seed,
             threads=args.threads or 1,
             progress=not args.no_progress,
@@ -127,6 +140,8 @@ def run_fit(args: argparse.Namespace) -> int:
         "parameters": num_params,
         "seconds": seconds,
     }
+    if positions:
+        info["context_columns"] = positions
     save_model(model, args.out, columns=columns, info=info)
     size = f"{kind.components}={components}, " if components is not None else ""
     results = [f"train log-lik {train_ll:.4f}"]
@@ -137,9 +152,10 @@ def run_fit(args: argparse.Namespace) -> int:
             f"validation log-lik {val_ll:.4f} ({num_val} rows, best step {history.best_step})"
         )
     results += [f"{info['steps']} steps", f"{seconds:.1f} s"]
+    given = f" given {len(positions)} context column(s)" if positions else ""
     print(
         f"{args.model} ({size}{num_params} parameters) on {len(train)} rows of dimension "
-        f"{rows.shape[1]}: {', '.join(results)} -> {args.out}"
+        f"{train.rows.shape[1]}{given}: {', '.join(results)} -> {args.out}"
     )
     return 0
 
@@ -181,22 +197,24 @@ def run_score(args: argparse.Namespace) -> int:
     check_output_suffix(args.out)
     loaded = load_model_file(args.model)
     rows, columns = read_rows(args.data, dtype=_dtype(loaded.model), skip_blank_lines=False)
-    if rows.shape[1] != loaded.input_dim:
+    positions = tuple(loaded.info.get("context_columns") or ())
+    if rows.shape[1] != loaded.input_dim + len(positions):
+        given = f" and {len(positions)} context column(s)" if positions else ""
         raise ValueError(
             f"DATA {args.data} has {rows.shape[1]} column(s) but MODEL {args.model} "
-            f"({loaded.name}) was fitted to {loaded.input_dim}"
+            f"({loaded.name}) was fitted to {loaded.input_dim}{given}"
         )
     if columns is not None and loaded.columns is not None and columns != loaded.columns:
         raise ValueError(
             f"DATA {args.data} has columns ({', '.join(columns)}) but MODEL {args.model} was "
             f"fitted to ({', '.join(loaded.columns)}); reorder them, or drop the header"
         )
-    chunks = rows.split(CHUNK_ROWS)
+    pairs = _split_table(rows, positions)
+    chunks = [pairs.take(slice(i, i + CHUNK_ROWS)) for i in range(0, len(pairs), CHUNK_ROWS)]
     log_prob = []
     with torch.no_grad():
-        dist = loaded.model()
         for chunk in _progress(chunks, "score", args.no_progress):
-            log_prob.append(dist.log_prob(chunk))
+            log_prob.append(chunk.distribution(loaded.model).log_prob(chunk.rows))
     scores = torch.cat(log_prob)
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if len(bad):
@@ -241,6 +259,9 @@ def run_sample(args: argparse.Namespace) -> int:
     """
     check_output_suffix(args.out)
     loaded = load_model_file(args.model)
+    positions = tuple(loaded.info.get("context_columns") or ())
+    if positions or args.context is not None:
+        return _sample_given_context(args, loaded, positions)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sizes = [CHUNK_ROWS] * (args.num_samples // CHUNK_ROWS)
@@ -254,11 +275,99 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def context_positions(
+    spec: str | None, num_columns: int, columns: tuple[str, ...] | None
+) -> tuple[int, ...]:
+    """The 0-based positions of ``--context-columns`` (names of the header, or positions).
+
+    Args:
+        spec: Comma-separated column names (with a header) or 0-based positions; ``None``
+            for none.
+        num_columns: The number of columns of DATA.
+        columns: DATA's header, or ``None``.
+
+    Returns:
+        The positions, in the order given (empty for ``None``).
+
+    Raises:
+        ValueError: An unknown name, a position out of range, a repeat, or every column.
+
+    Example:
+        >>> context_positions("c,a", 3, ("a", "b", "c")), context_positions("1", 2, None)
+        ((2, 0), (1,))
+    """
+    if spec is None:
+        return ()
+    positions = []
+    for item in (part.strip() for part in spec.split(",")):
+        if columns is not None and item in columns:
+            positions.append(columns.index(item))
+        elif item.isdigit() and int(item) < num_columns:
+            positions.append(int(item))
+        else:
+            known = f"the header's names ({', '.join(columns)}) or " if columns else ""
+            raise ValueError(
+                f"`--context-columns`: {item!r} is not one of {known}the positions 0 to "
+                f"{num_columns - 1}"
+            )
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"`--context-columns` {spec!r} names a column twice")
+    if len(positions) == num_columns:
+        raise ValueError(f"`--context-columns` {spec!r} leaves no data columns to model")
+    return tuple(positions)
+
+
+def _split_table(table: torch.Tensor, positions: tuple[int, ...]) -> Pairs:
+    """The columns at ``positions`` of ``table`` as context rows, the others as data rows."""
+    if not positions:
+        return Pairs(table)
+    rest = [i for i in range(table.shape[1]) if i not in positions]
+    return Pairs(table[:, rest], table[:, list(positions)])
+
+
+def _sample_given_context(args: argparse.Namespace, loaded: Any, positions: tuple[int, ...]) -> int:
+    """``sample`` of a conditional model: ``-n`` draws per row of ``--context``.
+
+    The rows are written in the training data's layout, the context columns where they were.
+    """
+    if not positions:
+        raise ValueError(f"`--context` applies to conditional models; MODEL {args.model} is not")
+    if args.context is None:
+        raise ValueError(
+            f"MODEL {args.model} is conditional ({len(positions)} context column(s)): give "
+            "`--context FILE`, rows of context values to draw for"
+        )
+    context, _ = read_rows(args.context, label="CONTEXT", dtype=_dtype(loaded.model))
+    if context.shape[1] != len(positions):
+        raise ValueError(
+            f"CONTEXT {args.context} has {context.shape[1]} column(s) but MODEL {args.model} "
+            f"takes {len(positions)}"
+        )
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    num, dim = args.num_samples, loaded.input_dim
+    rest = [i for i in range(dim + len(positions)) if i not in positions]
+    per_chunk = max(1, CHUNK_ROWS // num)
+    chunks = context.split(per_chunk)
+    out = []
+    with torch.no_grad():
+        for chunk in _progress(chunks, "sample", args.no_progress):
+            draws = loaded.model(chunk).sample((num,)).transpose(0, 1)  # [M, n, D]
+            table = draws.new_empty(len(chunk), num, dim + len(positions))
+            table[..., rest] = draws
+            table[..., list(positions)] = chunk.unsqueeze(1)
+            out.append(table.reshape(-1, dim + len(positions)))
+    write_rows(args.out, torch.cat(out).numpy(), columns=loaded.columns)
+    return 0
+
+
 @torch.no_grad()
-def _mean_log_prob(model: torch.nn.Module, rows: torch.Tensor) -> float:
-    dist = model()
-    total = sum(dist.log_prob(chunk).double().sum().item() for chunk in rows.split(CHUNK_ROWS))
-    return total / len(rows) if math.isfinite(total) else total
+def _mean_log_prob(model: torch.nn.Module, pairs: Pairs) -> float:
+    chunks = [pairs.take(slice(i, i + CHUNK_ROWS)) for i in range(0, len(pairs), CHUNK_ROWS)]
+    total = sum(
+        chunk.distribution(model).log_prob(chunk.rows).double().sum().item() for chunk in chunks
+    )
+    return total / len(pairs) if math.isfinite(total) else total
 
 
 def _progress(items: Sequence, desc: str, hide: bool) -> Any:

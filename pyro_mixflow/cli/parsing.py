@@ -205,6 +205,12 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
         metavar="F",
         help="fraction of rows held out to pick the best state (0.1; 0 for none)",
     )
+    fit.add_argument(
+        "--context-columns",
+        metavar="COLS",
+        help="comma-separated columns of DATA (header names or 0-based positions) that "
+        "condition the model: it learns p(other columns | these)",
+    )
     fit.add_argument("--seed", type=int, default=0, help="seed of everything random (0)")
     fit.add_argument("--threads", type=positive_int, metavar="T", help=THREADS_HELP)
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -217,7 +223,9 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
         "score",
         help="log-density of each row of DATA under MODEL",
         description="Writes log p(x) of each row of DATA under MODEL (natural log), one number "
-        "per line in the order of the rows, to stdout or to --out (.csv or .npy).",
+        "per line in the order of the rows, to stdout or to --out (.csv or .npy). For a model "
+        "fitted with --context-columns, DATA has the training file's columns and the score is "
+        "log p(x | context).",
     )
     score.add_argument("model", type=Path, metavar="MODEL", help="a file from `fit`")
     score.add_argument("data", type=Path, metavar="DATA", help="CSV (optional header) or .npy")
@@ -237,6 +245,12 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("model", type=Path, metavar="MODEL", help="a file from `fit`")
     sample.add_argument(
         "-n", "--num-samples", type=positive_int, required=True, metavar="N", help="rows to draw"
+    )
+    sample.add_argument(
+        "--context",
+        type=Path,
+        metavar="FILE",
+        help="rows of context values (CSV or .npy) for a conditional model: N draws per row",
     )
     sample.add_argument("--seed", type=int, help="seed (default: fresh randomness)")
     sample.add_argument("--out", type=Path, metavar="FILE", help=".csv or .npy (default: stdout)")

@@ -7,11 +7,12 @@ known Gaussian errors, and :func:`fit` trains any module whose call returns a di
 
 from pyro_mixflow.fitting.deconvolution import DeconvolutionResult, deconvolve
 from pyro_mixflow.fitting.em import em_diagonal, em_parameters
-from pyro_mixflow.fitting.training import History, cpu_training, fit, split_validation
+from pyro_mixflow.fitting.training import History, Pairs, cpu_training, fit, split_validation
 
 __all__ = [
     "DeconvolutionResult",
     "History",
+    "Pairs",
     "cpu_training",
     "deconvolve",
     "em_diagonal",

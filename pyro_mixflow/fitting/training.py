@@ -23,7 +23,7 @@ from pyro_mixflow._checks import check_integer, check_non_negative_float, check_
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["History", "cpu_training", "fit", "split_validation"]
+__all__ = ["History", "Pairs", "cpu_training", "fit", "split_validation"]
 
 DEFAULT_STEPS = 1000
 EVALUATIONS_PER_RUN = 20
@@ -482,8 +482,21 @@ def _trainable_parameters(model: Any) -> list[nn.Parameter]:
 
 
 @dataclass(frozen=True)
-class _Pairs:
-    """Data rows with their context rows (``context`` is ``None`` for an unconditional model)."""
+class Pairs:
+    """Data rows with their context rows (``context`` is ``None`` for an unconditional model).
+
+    What :func:`fit` batches and splits: row ``i`` of ``rows`` goes with row ``i`` of
+    ``context``.
+
+    Attributes:
+        rows: Data rows, ``(N, D)`` or ``(N,)``.
+        context: Context rows ``(N, C)`` of a conditional model, or ``None``.
+
+    Example:
+        >>> pairs = Pairs(torch.zeros(4, 2), torch.arange(4.0).unsqueeze(-1))
+        >>> len(pairs), pairs.take(slice(1, 3)).context.flatten().tolist()
+        (4, [1.0, 2.0])
+    """
 
     rows: torch.Tensor
     context: torch.Tensor | None = None
@@ -491,14 +504,14 @@ class _Pairs:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, index: torch.Tensor | slice) -> _Pairs:
+    def take(self, index: torch.Tensor | slice) -> Pairs:
         """The pairs at ``index``."""
-        return _Pairs(self.rows[index], None if self.context is None else self.context[index])
+        return Pairs(self.rows[index], None if self.context is None else self.context[index])
 
-    def to(self, device: torch.device) -> _Pairs:
+    def to(self, device: torch.device) -> Pairs:
         """The pairs on ``device``."""
         context = None if self.context is None else self.context.to(device)
-        return _Pairs(self.rows.to(device), context)
+        return Pairs(self.rows.to(device), context)
 
     def distribution(self, model: nn.Module) -> Distribution:
         """``model()``, or ``model(context)`` for a conditional model."""
@@ -514,7 +527,7 @@ def _prepare_rows(
     settings: _Settings,
     params: list[nn.Parameter],
     device: str | torch.device | None,
-) -> tuple[_Pairs, _Pairs | None, torch.Generator]:
+) -> tuple[Pairs, Pairs | None, torch.Generator]:
     """Checks the rows, moves the model, seeds, splits: ``(train, validation, generator)``.
 
     The rows (and context rows) take the dtype of the model's first floating-point parameter
@@ -566,11 +579,11 @@ def _prepare_rows(
 
 def _with_context(
     name: str, data: Any, context_name: str, context: Any, dtype: torch.dtype
-) -> _Pairs:
+) -> Pairs:
     """Checked rows and context rows (``(N,)`` context rows become ``(N, 1)``), paired."""
     rows = _as_rows(name, data, dtype)
     if context is None:
-        return _Pairs(rows)
+        return Pairs(rows)
     context_rows = _as_rows(context_name, context, dtype)
     if context_rows.dim() == 1:
         context_rows = context_rows.unsqueeze(-1)
@@ -579,7 +592,7 @@ def _with_context(
             f"`{context_name}` has {len(context_rows)} row(s) but `{name}` has {len(rows)}; "
             "give one context row per data row"
         )
-    return _Pairs(rows, context_rows)
+    return Pairs(rows, context_rows)
 
 
 def _optimizer(params: list[nn.Parameter], settings: _Settings) -> torch.optim.Optimizer:
@@ -589,7 +602,7 @@ def _optimizer(params: list[nn.Parameter], settings: _Settings) -> torch.optim.O
     return torch.optim.Adam(params, lr=settings.lr)
 
 
-def _batch_loss(model: nn.Module, pairs: _Pairs) -> torch.Tensor:
+def _batch_loss(model: nn.Module, pairs: Pairs) -> torch.Tensor:
     """Mean negative log-likelihood of one mini-batch; checks the shape of ``log_prob``."""
     batch = pairs.rows
     log_prob = pairs.distribution(model).log_prob(batch)
@@ -768,8 +781,8 @@ def _as_rows(name: str, data: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _match_event_shape(
-    dist: Any, x: _Pairs, x_val: _Pairs | None, probe_context: torch.Tensor | None
-) -> tuple[_Pairs, _Pairs | None]:
+    dist: Any, x: Pairs, x_val: Pairs | None, probe_context: torch.Tensor | None
+) -> tuple[Pairs, Pairs | None]:
     """Checks the model's distribution against the rows; swaps ``(N,)`` and ``(N, 1)`` rows.
 
     ``dist`` is ``model()``, or ``model(context)`` for the first context row (shape ``(1, C)``),
@@ -794,15 +807,15 @@ def _match_event_shape(
         )
     event_shape = tuple(dist.event_shape)
 
-    def match(name: str, pairs: _Pairs) -> _Pairs:
+    def match(name: str, pairs: Pairs) -> Pairs:
         rows = pairs.rows
         row_shape = tuple(rows.shape[1:])
         if row_shape == event_shape:
             return pairs
         if row_shape == () and event_shape == (1,):
-            return _Pairs(rows.unsqueeze(-1), pairs.context)
+            return Pairs(rows.unsqueeze(-1), pairs.context)
         if row_shape == (1,) and event_shape == ():
-            return _Pairs(rows.squeeze(-1), pairs.context)
+            return Pairs(rows.squeeze(-1), pairs.context)
         raise ValueError(
             f"`{name}` has rows of shape {row_shape} (shape {tuple(rows.shape)}) but the "
             f"model's distribution has event_shape {event_shape}"
@@ -820,7 +833,7 @@ def _shuffled_batches(
 
 
 @torch.no_grad()
-def _mean_nll(model: nn.Module, pairs: _Pairs, batch_size: int) -> float:
+def _mean_nll(model: nn.Module, pairs: Pairs, batch_size: int) -> float:
     """Mean negative log-likelihood of the rows in batches, in eval mode, summed in float64."""
     model.eval()
     try:
