@@ -1,4 +1,4 @@
-r"""A normalizing flow over a mixture base, with torch, Pyro and nflows transforms."""
+r"""A normalizing flow over a mixture base, with torch, Pyro, nflows and zuko transforms."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch.distributions.utils import _sum_rightmost
 
 from pyro_mixflow.distributions._common import NoClosedFormMixin, expected_branch_log_prob
 from pyro_mixflow.transforms.nflows import NflowsTransform, is_nflows_transform
+from pyro_mixflow.transforms.zuko import ZukoTransform, is_zuko_flow, is_zuko_lazy_transform
 
 __all__ = ["MixtureBaseFlow"]
 
@@ -41,6 +42,18 @@ class MixtureBaseFlow(NoClosedFormMixin, TransformedDistribution):
             ``pyro.distributions.transforms.spline_coupling``) or nflows transforms, which are
             wrapped in :class:`~pyro_mixflow.transforms.NflowsTransform` (nflows maps data to
             noise; the wrapper turns it round). Applied in order from the base to the data.
+            zuko's transforms (``zuko.transforms.*``) are torch ``Transform``\ s and are used
+            as they are, from base to data. zuko's lazy transforms (``zuko.lazy.LazyTransform``
+            modules, such as ``zuko.flows.MaskedAutoregressiveTransform``) and zuko flows
+            (``zuko.flows.NSF(...)``, whose ``transform`` is taken and whose base is replaced by
+            ``base``) follow zuko's convention, data to noise: they are bound to ``context`` and
+            turned round by :class:`~pyro_mixflow.transforms.ZukoTransform`, so that
+            ``MixtureBaseFlow(base, flow, context=c)`` is zuko's ``flow(c)`` with the base
+            ``base``.
+        context: Context of shape ``(*batch, C)`` for the zuko lazy transforms and flows among
+            ``transforms`` (``None`` for unconditional ones); it has no effect on other
+            transforms (bind nflows ones with ``NflowsTransform(t, context=c)``). The base is
+            expanded to the broadcast of its batch shape and ``context.shape[:-1]``.
         validate_args: Check values (torch's default when ``None``).
 
     Example:
@@ -60,23 +73,30 @@ class MixtureBaseFlow(NoClosedFormMixin, TransformedDistribution):
         base: Distribution,
         transforms: Transform | torch.nn.Module | Sequence[Transform | torch.nn.Module],
         *,
+        context: torch.Tensor | None = None,
         validate_args: bool | None = None,
     ) -> None:
         if not isinstance(base, Distribution):
             raise TypeError(f"`base` must be a torch Distribution, got {type(base).__name__}")
-        if isinstance(transforms, Transform) or is_nflows_transform(transforms):
+        if _is_single_transform(transforms):
             transforms = [transforms]
         if not isinstance(transforms, Sequence):
             name = type(transforms).__name__
             raise TypeError(f"`transforms` must be a transform or a list of them, got {name}")
+        if context is not None:
+            base = _expand_to_context(base, context)
         wrapped = []
         for i, t in enumerate(transforms):
             if is_nflows_transform(t):
                 t = NflowsTransform(t)
+            elif is_zuko_flow(t):
+                t = ZukoTransform(t.transform, context=context)
+            elif is_zuko_lazy_transform(t):
+                t = ZukoTransform(t, context=context)
             if not isinstance(t, Transform):
                 raise TypeError(
-                    f"`transforms[{i}]` must be a torch/Pyro Transform or an nflows transform, "
-                    f"got {type(t).__name__}"
+                    f"`transforms[{i}]` must be a torch/Pyro Transform, an nflows transform or a "
+                    f"zuko lazy transform or flow, got {type(t).__name__}"
                 )
             wrapped.append(t)
         super().__init__(base, wrapped, validate_args=validate_args)
@@ -201,3 +221,29 @@ class MixtureBaseFlow(NoClosedFormMixin, TransformedDistribution):
             )
             z = x
         return z, log_prob
+
+
+def _is_single_transform(obj: object) -> bool:
+    """Whether ``obj`` is one transform of any accepted kind (rather than a list of them)."""
+    return (
+        isinstance(obj, Transform)
+        or is_nflows_transform(obj)
+        or is_zuko_lazy_transform(obj)
+        or is_zuko_flow(obj)
+    )
+
+
+def _expand_to_context(base: Distribution, context: torch.Tensor) -> Distribution:
+    """``base`` expanded to the broadcast of its batch shape and ``context.shape[:-1]``."""
+    if not isinstance(context, torch.Tensor):
+        raise TypeError(f"`context` must be a torch.Tensor, got {type(context).__name__}")
+    if context.dim() < 1:
+        raise ValueError("`context` must have shape (*batch, C), got a 0-d tensor")
+    try:
+        batch_shape = torch.broadcast_shapes(base.batch_shape, context.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"`context.shape[:-1]` {tuple(context.shape[:-1])} does not broadcast against the "
+            f"base's batch shape {tuple(base.batch_shape)}"
+        ) from None
+    return base if batch_shape == base.batch_shape else base.expand(batch_shape)

@@ -2,6 +2,7 @@ r"""A trainable normalizing flow over a Gaussian-mixture base (lazy distribution
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from pyro_mixflow.distributions import MixtureBaseFlow
 from pyro_mixflow.nn._base import DensityModel
 from pyro_mixflow.nn._context import check_context, check_context_dim
 from pyro_mixflow.nn.gmm import GMM
-from pyro_mixflow.transforms import NflowsTransform
+from pyro_mixflow.transforms import NflowsTransform, ZukoTransform
 
 __all__ = ["MixtureFlow"]
 
@@ -63,6 +64,14 @@ class MixtureFlow(DensityModel):
             ``"straight_through"`` (see :class:`GMM`).
         context_dim: Dimension :math:`C` of the context; ``None`` (default) for the
             unconditional flow. The conditional base network has the widths ``hidden_dims``.
+        transforms: Which library builds the spline layers: ``"nflows"`` (default, as above)
+            or ``"zuko"``: zuko's rational-quadratic splines on ``[-tail_bound, tail_bound]``
+            (Durkan et al. 2019) in coupling form (``MaskedAutoregressiveTransform`` with
+            ``passes=2``, halves swapped between layers, an elementwise spline in 1-D), MLPs
+            of widths ``hidden_dims`` reading the standardized context, started at the
+            identity (last layer zero) and used through
+            :class:`~pyro_mixflow.transforms.ZukoTransform`. ``"zuko"`` imports zuko, which
+            switches torch's argument validation off for the whole process (zuko's choice).
 
     Example:
         >>> model = MixtureFlow(2, num_components=4, num_transforms=2, hidden_dims=(16, 16))
@@ -93,8 +102,12 @@ class MixtureFlow(DensityModel):
         tail_bound: float = 4.0,
         estimator: str = "exact",
         context_dim: int | None = None,
+        transforms: str = "nflows",
     ) -> None:
         super().__init__()
+        if transforms not in ("nflows", "zuko"):
+            raise ValueError(f"`transforms` must be 'nflows' or 'zuko', got {transforms!r}")
+        self.transforms_library = transforms
         check_positive_int("num_transforms", num_transforms)
         self.context_dim = check_context_dim(context_dim)
         check_positive_int("num_bins", num_bins)
@@ -114,6 +127,11 @@ class MixtureFlow(DensityModel):
             )
         layers = []
         for i in range(num_transforms):
+            if transforms == "zuko":
+                layers.append(
+                    _zuko_spline(input_dim, context_dim, hidden_dims, num_bins, tail_bound, i)
+                )
+                continue
             if input_dim == 1 and context_dim is None:
                 layers.append(Spline(1, count_bins=num_bins, bound=tail_bound))
                 continue
@@ -157,6 +175,11 @@ class MixtureFlow(DensityModel):
         """
         context = check_context("MixtureFlow", context, self.context_dim)
         standardization = AffineTransform(self.shift, self.scale, event_dim=1)
+        if self.transforms_library == "zuko":
+            standardized = None if context is None else self.base.standardized(context)
+            base = self.base() if context is None else self.base(context)
+            layers = [ZukoTransform(t, context=standardized) for t in self.transforms]
+            return MixtureBaseFlow(base, [*layers, standardization])
         if context is None:
             return MixtureBaseFlow(self.base(), [*self.transforms, standardization])
         standardized = self.base.standardized(context)
@@ -205,7 +228,10 @@ class MixtureFlow(DensityModel):
             return self
         self.base.init_from_data(standardized, context, max_iter=max_iter, seed=seed)
         for layer in self.transforms:
-            _start_at_identity(layer.transform, layer.transform.num_bins)
+            if self.transforms_library == "zuko":
+                _start_zuko_at_identity(layer)
+            else:
+                _start_at_identity(layer.transform, layer.transform.num_bins)
         return self
 
 
@@ -222,3 +248,46 @@ def _start_at_identity(spline: PiecewiseRationalQuadraticCouplingTransform, num_
     bias = final.bias.view(-1, 3 * num_bins - 1)  # [transformed features, spline params]
     bias.zero_()
     bias[:, 2 * num_bins :] = math.log(math.expm1(1 - spline.min_derivative))
+
+
+def _zuko_spline(
+    input_dim: int,
+    context_dim: int | None,
+    hidden_dims: tuple[int, ...],
+    num_bins: int,
+    tail_bound: float,
+    index: int,
+) -> nn.Module:
+    """A zuko rational-quadratic spline coupling (layer ``index``), started at the identity.
+
+    Imports zuko, which switches torch's argument validation off for the process.
+    """
+    from zuko.flows import MaskedAutoregressiveTransform
+    from zuko.transforms import MonotonicRQSTransform
+
+    order = torch.arange(input_dim)
+    layer = MaskedAutoregressiveTransform(
+        input_dim,
+        context_dim or 0,
+        passes=2,
+        order=order.flip(0) if index % 2 else order,
+        univariate=functools.partial(MonotonicRQSTransform, bound=tail_bound),
+        shapes=[(num_bins,), (num_bins,), (num_bins - 1,)],
+        hidden_features=hidden_dims,
+    )
+    _start_zuko_at_identity(layer)
+    return layer
+
+
+@torch.no_grad()
+def _start_zuko_at_identity(layer: nn.Module) -> None:
+    """Makes a zuko spline layer the identity: zero unconstrained widths, heights and slopes.
+
+    zuko's ``MonotonicRQSTransform`` maps zero parameters to equal bins and unit knot slopes,
+    the identity; zeroing the hyper-network's last layer (or, for an unconditional 1-D layer,
+    its free parameters) gives zero parameters for every input.
+    """
+    hyper = getattr(layer, "hyper", None)
+    parameters = layer.phi if hyper is None else hyper[-1].parameters()
+    for p in parameters:
+        p.zero_()
