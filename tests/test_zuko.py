@@ -17,51 +17,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributions import Distribution, Transform
-from torch.distributions.transforms import _InverseTransform
 
 import pyro_mixflow
 from pyro_mixflow import DiagNormalMixture, GumbelSoftmaxMixture, MixtureBaseFlow
 from pyro_mixflow.io import load_model, save_model
 from pyro_mixflow.nn import GMM, MixtureFlow
 from pyro_mixflow.transforms import ZukoBase, ZukoTransform, is_zuko_flow, is_zuko_lazy_transform
+from tests.torch_globals import restore, snapshot
 
-_MISSING = object()
-_PATCHED = [
-    (Distribution, "_validate_args"),
-    (Distribution, "arg_constraints"),
-    (Transform, "call_and_ladj"),
-]
-
-
-def _snapshot() -> list:
-    state = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name in _PATCHED]
-    return [*state, (_InverseTransform, "__name__", _InverseTransform.__name__)]
-
-
-def _restore(state: list) -> None:
-    for owner, name, value in state:
-        if value is not _MISSING:
-            setattr(owner, name, value)
-        elif name in owner.__dict__:
-            delattr(owner, name)
-
-
-_TORCH_STATE = _snapshot()
+_TORCH_STATE = snapshot()
 try:
     zuko = pytest.importorskip("zuko")
-    _ZUKO_STATE = _snapshot()
+    _ZUKO_STATE = snapshot()
 finally:
-    _restore(_TORCH_STATE)
+    restore(_TORCH_STATE)
 
 
 @pytest.fixture(autouse=True)
 def _zuko_globals() -> Iterator[None]:
     """zuko's global switches during each test here (zuko's own classes need them)."""
-    before = _snapshot()
-    _restore(_ZUKO_STATE)
+    before = snapshot()
+    restore(_ZUKO_STATE)
     yield
-    _restore(before)
+    restore(before)
 
 
 def _mixture(cls: type = DiagNormalMixture, requires_grad: bool = False) -> tuple[list, object]:
