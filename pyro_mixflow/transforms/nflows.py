@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 from nflows.distributions import Distribution as _NflowsDistribution
 from nflows.transforms import Transform as _NflowsTransformBase
-from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import Distribution, constraints
+
+from pyro_mixflow.transforms._reversed import ReversedFlowTransform
 
 __all__ = ["NflowsBase", "NflowsTransform", "is_nflows_transform"]
 
@@ -24,7 +25,7 @@ def is_nflows_transform(obj: object) -> bool:
     return isinstance(obj, _NflowsTransformBase)
 
 
-class NflowsTransform(TransformModule):
+class NflowsTransform(ReversedFlowTransform):
     r"""An nflows transform as a torch/Pyro ``Transform`` from the base space to the data space.
 
     nflows transforms map data to noise, :math:`u = T(x)`, and return
@@ -69,34 +70,20 @@ class NflowsTransform(TransformModule):
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
-    bijective = True
 
     def __init__(self, transform: torch.nn.Module, *, context: torch.Tensor | None = None) -> None:
         if not is_nflows_transform(transform):
             name = type(transform).__name__
             raise TypeError(f"`transform` must be an nflows.transforms.Transform, got {name}")
-        super().__init__(cache_size=1)
+        super().__init__()
         self.transform = transform
         self.context = context
-        self._cached_log_det: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        y, log_det = self._run(self.transform.inverse, x)
-        self._cached_log_det = (x, y, log_det)
-        return y
+    def _to_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(self.transform, x)
 
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        x, log_det = self._run(self.transform, y)
-        self._cached_log_det = (x, y, -log_det)
-        return x
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r"""Returns :math:`\log|\det \partial y / \partial x|`, shape ``x.shape[:-1]``."""
-        cached = self._cached_log_det
-        if cached is not None and cached[0] is x and cached[1] is y:
-            return cached[2]
-        _, log_det = self._run(self.transform.inverse, x)
-        return log_det
+    def _to_data(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(self.transform.inverse, z)
 
     def _run(self, fn: Callable, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         context = self.context

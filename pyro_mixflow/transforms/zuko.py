@@ -12,8 +12,9 @@ from __future__ import annotations
 import sys
 
 import torch
-from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import Distribution, Transform
+
+from pyro_mixflow.transforms._reversed import ReversedFlowTransform
 
 __all__ = ["ZukoBase", "ZukoTransform", "is_zuko_flow", "is_zuko_lazy_transform"]
 
@@ -40,7 +41,7 @@ def is_zuko_flow(obj: object) -> bool:
     return _is_instance(obj, "Flow")
 
 
-class ZukoTransform(TransformModule):
+class ZukoTransform(ReversedFlowTransform):
     r"""A zuko lazy transform, bound to a context, as a torch ``Transform`` from base to data.
 
     zuko's flows map data to noise, :math:`z = f(x \mid c)`, with
@@ -68,40 +69,25 @@ class ZukoTransform(TransformModule):
             ``None`` for an unconditional one.
     """
 
-    bijective = True
-
     def __init__(self, transform: torch.nn.Module, *, context: torch.Tensor | None = None) -> None:
         if not is_zuko_lazy_transform(transform):
             name = type(transform).__name__
             raise TypeError(f"`transform` must be a zuko LazyTransform, got {name}")
-        super().__init__(cache_size=1)
+        super().__init__()
         self.transform = transform
         self.context = context
         bound = transform(context)
         self.domain, self.codomain = bound.codomain, bound.domain
-        self._cached_log_det: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def bound(self) -> Transform:
         r"""The transform :math:`f(\cdot \mid c)` (data to noise) at the current parameters."""
         return self.transform(self.context)
 
-    def _call(self, z: torch.Tensor) -> torch.Tensor:
-        x, log_det = self.bound().inv.call_and_ladj(z)
-        self._cached_log_det = (z, x, log_det)
-        return x
+    def _to_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bound().call_and_ladj(x)
 
-    def _inverse(self, x: torch.Tensor) -> torch.Tensor:
-        z, log_det = self.bound().call_and_ladj(x)
-        self._cached_log_det = (z, x, -log_det)
-        return z
-
-    def log_abs_det_jacobian(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        r"""Returns :math:`\log|\det \partial x / \partial z|`, from zuko's fast direction."""
-        cached = self._cached_log_det
-        if cached is not None and cached[0] is z and cached[1] is x:
-            return cached[2]
-        _, log_det = self.bound().call_and_ladj(x)
-        return -log_det
+    def _to_data(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bound().inv.call_and_ladj(z)
 
 
 class ZukoBase(torch.nn.Module):
