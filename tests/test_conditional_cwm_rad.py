@@ -32,7 +32,9 @@ def _model(name, *, context_dim=CONTEXT_DIM, seed=0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_((0.3 if name == "cwm" else 0.1) * torch.randn_like(p))
-        model.standardizer.fit(1.0 + 2.0 * torch.randn(64, context_dim, dtype=torch.float64))
+        model.context_standardizer.fit(
+            1.0 + 2.0 * torch.randn(64, context_dim, dtype=torch.float64)
+        )
     return model
 
 
@@ -200,7 +202,7 @@ def test_cwm_classifier_sees_each_batch_elements_context():
     context = _contexts(2, 3)
     d = model(context)
     z = torch.randn(5, 2, 3, 2, dtype=torch.float64)
-    standardized = model.standardizer(context)
+    standardized = model.context_standardizer(context)
     expected = model.classifier(torch.cat([z, standardized.expand(5, 2, 3, CONTEXT_DIM)], -1))
     torch.testing.assert_close(d.classifier(z), expected)
     # rao_blackwell's weights are the classifier of the base draw at each element's context.
@@ -254,8 +256,8 @@ def test_untrained_conditional_cwm_is_the_em_mixture_for_every_context():
     context = 5.0 + 3.0 * torch.randn(500, CONTEXT_DIM, dtype=torch.float64)
     model = CWM(2, num_components=3, hidden_dims=(8,), context_dim=CONTEXT_DIM).double()
     model.init_from_data(data, context)
-    torch.testing.assert_close(model.standardizer.loc, context.mean(0))
-    torch.testing.assert_close(model.standardizer.scale, context.std(0))
+    torch.testing.assert_close(model.context_standardizer.loc, context.mean(0))
+    torch.testing.assert_close(model.context_standardizer.scale, context.std(0))
     locs, log_scales, log_weights = em_parameters(data, torch.zeros(3, 2, dtype=torch.float64))
     em = DiagNormalMixture(locs, log_scales.exp(), log_weights)
     queries = _contexts(4, 2)
@@ -280,7 +282,7 @@ def test_untrained_conditional_rad_is_the_unconditional_rad_for_every_context():
         got = conditional(_contexts(4)).log_prob(data[:50].unsqueeze(-2))  # [50, 4]
         expected = plain().log_prob(data[:50])
     torch.testing.assert_close(got, expected[:, None].expand(50, 4))
-    torch.testing.assert_close(conditional.standardizer.loc, context.mean(0))
+    torch.testing.assert_close(conditional.context_standardizer.loc, context.mean(0))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -294,7 +296,7 @@ def test_save_and_load_round_trip(name, tmp_path):
     x = torch.randn(5, 2)
     with torch.no_grad():
         assert torch.equal(loaded(context).log_prob(x), model(context).log_prob(x))
-    torch.testing.assert_close(loaded.standardizer.scale, model.standardizer.scale)
+    torch.testing.assert_close(loaded.context_standardizer.scale, model.context_standardizer.scale)
 
 
 # ---------------------------------------------------------------------------------------------

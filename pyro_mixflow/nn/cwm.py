@@ -43,7 +43,7 @@ class CWM(DensityModel):
               \prod_d \sigma_{kd}(\tilde c)^{-1}, \qquad
               z_k = (x - \mu_k(\tilde c)) / \sigma_k(\tilde c),
 
-    where :math:`\tilde c` is the standardized context (buffers of ``standardizer``, set by
+    where :math:`\tilde c` is the standardized context (buffers of ``context_standardizer``, set by
     :meth:`init_from_data`), the ``classifier`` is an MLP ``[D + C, *hidden_dims, K]`` of
     :math:`(z, \tilde c)`, and ``component_net``, an MLP ``[C, *hidden_dims, 2KD]``, gives
     the :math:`K D` locations and :math:`K D` log-scales (``locs`` and ``log_scales`` are then
@@ -113,7 +113,7 @@ class CWM(DensityModel):
             self.log_scales = nn.Parameter(log_scales)
             self.classifier = mlp((input_dim, *hidden_dims, num_components), activation)
         else:
-            self.standardizer = ContextStandardizer(context_dim)
+            self.context_standardizer = ContextStandardizer(context_dim)
             self.classifier = mlp(
                 (input_dim + context_dim, *hidden_dims, num_components), activation
             )
@@ -134,7 +134,7 @@ class CWM(DensityModel):
         if context is None:
             return ClassifierWeightedMixture(self.locs, self.log_scales.exp(), self.classifier)
         dtype = self.classifier[0].weight.dtype
-        context = self.standardizer(context.to(dtype))  # [*B, C]
+        context = self.context_standardizer(context.to(dtype))  # [*B, C]
         components = self.component_net(context).unflatten(
             -1, (2, self.num_components, self.input_dim)
         )  # [*B, 2, K, D]
@@ -180,7 +180,7 @@ class CWM(DensityModel):
                     f"`context` must have shape ({len(data)}, {self.context_dim}), one row per "
                     f"row of `data`, got {tuple(context.shape)}"
                 )
-            self.standardizer.fit(context)
+            self.context_standardizer.fit(context)
         like = self.classifier[-1].weight.new_empty(self.num_components, self.input_dim)
         locs, log_scales, log_weights = em_parameters(data, like, max_iter=max_iter, seed=seed)
         start_output_at(self.classifier, log_weights)

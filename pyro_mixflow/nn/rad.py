@@ -57,7 +57,7 @@ class RAD(DensityModel):
 
     **Conditional** (``context_dim=C``): ``model(context)`` for a context of shape
     ``(*batch, C)`` returns the flow of batch shape ``*batch``. The standardized context
-    :math:`\tilde c` (buffers of ``standardizer``, set by :meth:`init_from_data`) is
+    :math:`\tilde c` (buffers of ``context_standardizer``, set by :meth:`init_from_data`) is
     concatenated to :math:`x_a` at the input of every layer's coupling network (piece widths
     and elementwise splines) and gating network (see
     :class:`~pyro_mixflow.transforms.RADCoupling`). The final map :math:`x = m + s \odot y`
@@ -134,7 +134,7 @@ class RAD(DensityModel):
             for i in range(num_layers)
         )
         if context_dim is not None:
-            self.standardizer = ContextStandardizer(context_dim)
+            self.context_standardizer = ContextStandardizer(context_dim)
         self.register_buffer("shift", torch.zeros(input_dim))
         self.register_buffer("scale", torch.ones(input_dim))
 
@@ -152,7 +152,7 @@ class RAD(DensityModel):
         standardization = AffineTransform(self.shift, self.scale, event_dim=1)
         if context is None:
             return RADFlow([*self.layers, standardization])
-        context = self.standardizer(context.to(self.shift.dtype))
+        context = self.context_standardizer(context.to(self.shift.dtype))
         return RADFlow([*self.layers, standardization], context=context)
 
     @torch.no_grad()
@@ -187,7 +187,7 @@ class RAD(DensityModel):
                     f"`context` must have shape ({len(data)}, {self.context_dim}), one row per "
                     f"row of `data`, got {tuple(context.shape)}"
                 )
-            self.standardizer.fit(context)
+            self.context_standardizer.fit(context)
         data = data.to(self.shift)
         self.shift.copy_(data.mean(0))
         scale = data.std(0).clamp(min=1e-6) if len(data) > 1 else torch.ones_like(self.shift)
