@@ -52,8 +52,6 @@ import gc
 import math
 import multiprocessing as mp
 import os
-import platform
-import re
 import resource
 import statistics
 import sys
@@ -67,16 +65,17 @@ import sbi
 import torch
 from sbi.neural_nets import posterior_nn
 
-# speed_memory.py (this folder): /proc readers, the peak-RSS reset, malloc_trim, CPU share.
+# speed_memory.py (this folder): /proc readers, the peak-RSS reset, malloc_trim, CPU share,
+# the environment line.
 from speed_memory import (
     busy_cpu_seconds,
     clear_refs_works,
+    environment_line,
     malloc_trim,
     read_status_kib,
     reset_peak_rss,
 )
 
-import pyro_mixflow
 from pyro_mixflow import nn as pmn
 
 CONTEXT_DIM = 5
@@ -450,21 +449,6 @@ def save_figure(
     plt.close(fig)
 
 
-def environment_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        if m := re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE):
-            cpu = m.group(1).strip()
-    except OSError:
-        pass
-    return (
-        f"torch {torch.__version__}, sbi {sbi.__version__}, "
-        f"pyro_mixflow {pyro_mixflow.__version__}, Python {platform.python_version()}; "
-        f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}; float32"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Conditional models: speed and memory; `nn.GMM` vs sbi's mixture density network",
         "",
-        environment_line() + ".",
+        environment_line(f"sbi {sbi.__version__}") + ".",
         f"Mode: {'--quick (small batches, smoke test only)' if args.quick else 'full'}; "
         f"total runtime {elapsed:.0f} s (memory children {memory_s:.0f} s, speed "
         f"{speed_s:.0f} s); {reps_cmp} and {reps_step} interleaved repetitions; other processes "

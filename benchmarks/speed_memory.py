@@ -548,7 +548,9 @@ def busy_cpu_seconds() -> tuple[float, float]:
     return (sum(fields[:8]) - idle) / ticks, own.user + own.system
 
 
-def environment_line() -> str:
+def environment_line(peers: str | None = None) -> str:
+    """Versions, CPU and threads; ``peers`` names the peer libraries (default: Pyro's version)."""
+    peers = f"pyro-ppl {pyro.__version__}" if peers is None else peers
     cpu = platform.processor() or platform.machine()
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -557,7 +559,7 @@ def environment_line() -> str:
     except OSError:
         pass
     return (
-        f"torch {torch.__version__}, pyro-ppl {pyro.__version__}, "
+        f"torch {torch.__version__}, {peers}, "
         f"pyro_mixflow {pyro_mixflow.__version__}, Python {platform.python_version()}; "
         f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}; float32"
     )
