@@ -28,6 +28,7 @@ __all__ = [
     "ContextStandardizer",
     "check_context",
     "check_context_dim",
+    "check_context_rows",
     "check_hidden_dims",
     "context_mlp",
     "start_output_at",
@@ -165,6 +166,36 @@ class ContextStandardizer(nn.Module):
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """Returns the standardized context, same shape ``(*batch, C)``."""
         return (context - self.loc) / self.scale
+
+
+def check_context_rows(
+    model_name: str, data: torch.Tensor, context: object, context_dim: int | None
+) -> torch.Tensor:
+    """Validates the context rows paired with ``data`` in ``init_from_data``.
+
+    Args:
+        model_name: The class name used in the messages, such as ``"CWM"``.
+        data: The data rows, ``(N, D)``.
+        context: The context rows (a tensor or anything ``torch.as_tensor`` takes).
+        context_dim: The model's ``context_dim``.
+
+    Returns:
+        ``context`` as a tensor of shape ``(N, C)``.
+
+    Raises:
+        ValueError: An unconditional model, or context rows that are not ``(N, C)``.
+
+    Example:
+        >>> check_context_rows("CWM", torch.zeros(5, 2), torch.zeros(5, 3), 3).shape
+        torch.Size([5, 3])
+    """
+    context = check_context(model_name, torch.as_tensor(context), context_dim)
+    if context.dim() != 2 or len(context) != len(data):
+        raise ValueError(
+            f"`context` must have shape ({len(data)}, {context_dim}), one row per "
+            f"row of `data`, got {tuple(context.shape)}"
+        )
+    return context
 
 
 def context_mlp(

@@ -17,6 +17,7 @@ from pyro_mixflow.nn._context import (
     ContextStandardizer,
     check_context,
     check_context_dim,
+    check_context_rows,
     context_mlp,
     start_output_at,
 )
@@ -173,13 +174,7 @@ class CWM(DensityModel):
             ``self``, for chaining.
         """
         if context is not None:
-            check_context("CWM", torch.as_tensor(context), self.context_dim)
-            context = torch.as_tensor(context)
-            if context.dim() != 2 or len(context) != len(data):
-                raise ValueError(
-                    f"`context` must have shape ({len(data)}, {self.context_dim}), one row per "
-                    f"row of `data`, got {tuple(context.shape)}"
-                )
+            context = check_context_rows("CWM", data, context, self.context_dim)
             self.context_standardizer.fit(context)
         like = self.classifier[-1].weight.new_empty(self.num_components, self.input_dim)
         locs, log_scales, log_weights = em_parameters(data, like, max_iter=max_iter, seed=seed)

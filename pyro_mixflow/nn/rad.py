@@ -11,7 +11,12 @@ from torch.distributions.transforms import AffineTransform
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.rad_flow import RADFlow
 from pyro_mixflow.nn._base import DensityModel
-from pyro_mixflow.nn._context import ContextStandardizer, check_context, check_context_dim
+from pyro_mixflow.nn._context import (
+    ContextStandardizer,
+    check_context,
+    check_context_dim,
+    check_context_rows,
+)
 from pyro_mixflow.transforms.rad import RADCoupling
 
 __all__ = ["RAD"]
@@ -180,13 +185,7 @@ class RAD(DensityModel):
                 f"`data` must have shape (N, {self.input_dim}), got {tuple(data.shape)}"
             )
         if context is not None:
-            context = torch.as_tensor(context)
-            check_context("RAD", context, self.context_dim)
-            if context.dim() != 2 or len(context) != len(data):
-                raise ValueError(
-                    f"`context` must have shape ({len(data)}, {self.context_dim}), one row per "
-                    f"row of `data`, got {tuple(context.shape)}"
-                )
+            context = check_context_rows("RAD", data, context, self.context_dim)
             self.context_standardizer.fit(context)
         data = data.to(self.shift)
         self.shift.copy_(data.mean(0))
