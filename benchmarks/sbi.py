@@ -55,6 +55,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,23 +179,30 @@ def cell_key(task: str, budget: int, name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> Path:
+    """Trains and scores every cell not already in ``sbi-<tag>.json``; returns that file."""
     import sbibm
 
     path = args.out / f"sbi-{args.tag}.json"
-    result = {"cells": {}, "figure": {}}
-    if path.exists():
-        result = json.loads(path.read_text())
-    result["environment"] = environment_line(f"sbi {sbi.__version__}, sbibm {sbibm.__version__}")
-    result["config"] = {
+    config = {
         "observations": args.observations,
         "draws": args.draws,
         "max_epochs": args.max_epochs,
         "seed": args.seed,
         "quick": args.quick,
     }
-    pending: list[tuple[str, int, Future]] = []
-    context = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+    result = {"cells": {}, "figure": {}}
+    if path.exists():
+        result = json.loads(path.read_text())
+        if {**result["config"], "observations": config["observations"]} != config:
+            raise SystemExit(f"{path} holds a run with other settings: pass another --tag")
+    result["environment"] = environment_line(f"sbi {sbi.__version__}, sbibm {sbibm.__version__}")
+    result["config"] = config
+    draws_dir = args.out / "draws"
+    draws_dir.mkdir(exist_ok=True)
+    spawn = mp.get_context("spawn")
+    pools = [ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn)]
+    pending: list[Score] = []
+    try:
         for task_name in args.tasks:
             task = sbibm.get_task(task_name)
             references = {
@@ -204,53 +212,90 @@ def run(args: argparse.Namespace) -> Path:
                 for i in args.observations
             }
             for budget in args.budgets:
-                theta, x = simulations(task, budget, args.seed + budget)
                 for name in args.estimators:
                     key = cell_key(task_name, budget, name)
-                    done = result["cells"].get(key)
-                    if done and len(done["c2st"]) == len(args.observations):
-                        continue
-                    print(f"{key}: training", flush=True)
-                    record, samples = train_and_sample(
-                        task,
-                        name,
-                        theta,
-                        x,
-                        args.observations,
-                        args.draws,
-                        args.max_epochs,
-                        args.seed,
+                    draws_file = draws_dir / f"{args.tag}-{task_name}-{budget}-{name}.npz"
+                    record = result["cells"].get(key)
+                    scored = record is not None and all(
+                        str(i) in record["c2st"] for i in args.observations
                     )
-                    result["cells"][key] = record
+                    if scored and (
+                        budget != max(args.budgets) or f"{task_name}/{name}" in result["figure"]
+                    ):
+                        continue
+                    if record is None or not draws_file.exists():
+                        print(f"{key}: training", flush=True)
+                        theta, x = simulations(task, budget, args.seed + budget)
+                        record, samples = train_and_sample(
+                            task,
+                            name,
+                            theta,
+                            x,
+                            args.observations,
+                            args.draws,
+                            args.max_epochs,
+                            args.seed,
+                        )
+                        np.savez(draws_file, **{str(i): v for i, v in samples.items()})
+                        result["cells"][key] = record
+                        print(f"{key}: {record['seconds']:.1f} s, {record['epochs']} epochs")
+                    stored = np.load(draws_file)
                     if budget == max(args.budgets):
-                        first = samples[args.observations[0]][:FIGURE_DRAWS]
-                        result["figure"][f"{task_name}/{name}"] = np.round(first, 4).tolist()
+                        first = str(args.observations[0])
+                        figure = stored[first][:FIGURE_DRAWS]
                         reference = references[args.observations[0]][:FIGURE_DRAWS]
+                        result["figure"][f"{task_name}/{name}"] = np.round(figure, 4).tolist()
                         result["figure"][f"{task_name}/reference"] = np.round(reference, 4).tolist()
                     for i in args.observations:
-                        job = pool.submit(c2st_job, samples[i], references[i])
-                        pending.append((key, i, job))
+                        if str(i) not in record["c2st"]:
+                            inputs = (stored[str(i)], references[i])
+                            job = pools[0].submit(c2st_job, *inputs)
+                            pending.append(Score(key, i, inputs, job))
                     pending = collect(pending, result, path, block=False)
-                    epochs = record["epochs"]
-                    print(f"{key}: {record['seconds']:.1f} s, {epochs} epochs", flush=True)
+        # Training is over: the scores still queued move to a pool on the other cores.
+        if args.final_jobs > args.jobs:
+            pools.append(ProcessPoolExecutor(args.final_jobs - args.jobs, mp_context=spawn))
+            for score in pending:
+                if score.job.cancel():
+                    score.job = pools[1].submit(c2st_job, *score.inputs)
         collect(pending, result, path, block=True)
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
     return path
 
 
+@dataclass
+class Score:
+    """A C2ST in a worker: the cell, the observation, its inputs and the future."""
+
+    key: str
+    observation: int
+    inputs: tuple[np.ndarray, np.ndarray]
+    job: Future
+
+
 def collect(
-    pending: list[tuple[str, int, Future]], result: dict[str, Any], path: Path, *, block: bool
-) -> list[tuple[str, int, Future]]:
+    pending: list[Score], result: dict[str, Any], path: Path, *, block: bool
+) -> list[Score]:
     """Stores the finished C2ST scores (all of them when ``block``), rewrites the record file."""
     left = []
-    for key, i, job in pending:
-        if block or job.done():
-            result["cells"][key]["c2st"][str(i)] = job.result()
+    for score in pending:
+        if block or score.job.done():
+            result["cells"][score.key]["c2st"][str(score.observation)] = score.job.result()
+            if block:
+                write(result, path)
         else:
-            left.append((key, i, job))
+            left.append(score)
+    write(result, path)
+    return left
+
+
+def write(result: dict[str, Any], path: Path) -> None:
+    """Rewrites the record file atomically."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, separators=(",", ":")) + "\n")
     tmp.replace(path)
-    return left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +494,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=10_000)
     parser.add_argument("--max-epochs", type=int, default=None, help="default: sbi's (no cap)")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--jobs", type=int, default=1, help="C2ST worker processes")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="C2ST worker processes while training runs"
+    )
+    parser.add_argument(
+        "--final-jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="C2ST worker processes for the scores still queued when training is over",
+    )
     parser.add_argument("--tag", default="run", help="record file sbi-<tag>.json in --out")
     parser.add_argument(
         "--report",
