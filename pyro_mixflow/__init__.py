@@ -4,9 +4,12 @@ from pyro_mixflow.distributions import (
     ClassifierWeightedMixture,
     DiagNormalMixture,
     GumbelSoftmaxMixture,
+    LowRankMultivariateNormalMixture,
     MixtureBaseFlow,
+    MultivariateNormalMixture,
     NoisyMixture,
     RADFlow,
+    reparameterized,
 )
 from pyro_mixflow.fitting import History, deconvolve, fit
 
@@ -17,10 +20,13 @@ __all__ = [
     "DiagNormalMixture",
     "GumbelSoftmaxMixture",
     "History",
+    "LowRankMultivariateNormalMixture",
     "MixtureBaseFlow",
+    "MultivariateNormalMixture",
     "NoisyMixture",
     "RADFlow",
     "__version__",
     "deconvolve",
     "fit",
+    "reparameterized",
 ]

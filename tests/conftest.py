@@ -13,8 +13,15 @@ import pyro
 import pytest
 import torch
 from torch.distributions import Distribution
+from torch.distributions.utils import vec_to_tril_matrix
 
-from pyro_mixflow import DiagNormalMixture, GumbelSoftmaxMixture, MixtureBaseFlow
+from pyro_mixflow import (
+    DiagNormalMixture,
+    GumbelSoftmaxMixture,
+    LowRankMultivariateNormalMixture,
+    MixtureBaseFlow,
+    MultivariateNormalMixture,
+)
 from pyro_mixflow.distributions import (
     AdditiveNormal,
     ClassifierWeightedMixture,
@@ -76,6 +83,54 @@ def _mixture(cls, **kwargs):
         return cls(params["locs"], params["log_scales"].exp(), logits, **weights, **kwargs)
 
     return build
+
+
+def _mvn_params(num_components: int, dim: int, weights: str = "logits"):
+    """Means and the lower triangle of each factor, its diagonal as logarithms."""
+
+    def make(batch_shape, dtype):
+        params = _mixture_params(num_components, dim, weights)(batch_shape, dtype)
+        del params["log_scales"]
+        size = dim * (dim + 1) // 2
+        raw = 0.4 * torch.randn(*batch_shape, num_components, size, dtype=dtype) - 0.2
+        return {**params, "raw_tril": raw.requires_grad_()}
+
+    return make
+
+
+def _scale_tril(raw):
+    square = vec_to_tril_matrix(raw)
+    return square.tril(-1) + torch.diag_embed(square.diagonal(dim1=-2, dim2=-1).exp())
+
+
+def _mvn(matrix: str = "scale_tril"):
+    """A full-covariance mixture given by its factors, or by the covariances they make."""
+
+    def build(params):
+        tril = _scale_tril(params["raw_tril"])
+        given = {matrix: tril if matrix == "scale_tril" else tril @ tril.mT}
+        weights = {k: params[k] for k in ("logits", "probs") if k in params}
+        return MultivariateNormalMixture(params["locs"], **given, **weights)
+
+    return build
+
+
+def _low_rank_params(num_components: int, dim: int, rank: int):
+    def make(batch_shape, dtype):
+        params = _mixture_params(num_components, dim)(batch_shape, dtype)
+        factor = 0.6 * torch.randn(*batch_shape, num_components, dim, rank, dtype=dtype)
+        return {**params, "cov_factor": factor.requires_grad_()}
+
+    return make
+
+
+def _low_rank(params):
+    return LowRankMultivariateNormalMixture(
+        params["locs"],
+        params["cov_factor"],
+        (2 * params["log_scales"]).exp(),
+        params["logits"],
+    )
 
 
 def _flow(params):
@@ -180,6 +235,13 @@ EXAMPLES = [
     Example("DiagNormalMixture", _mixture_params(3, 2), _mixture(DiagNormalMixture)),
     Example("DiagNormalMixture-probs", _mixture_params(2, 3, "probs"), _mixture(DiagNormalMixture)),
     Example("DiagNormalMixture-1d", _mixture_params(4, 1), _mixture(DiagNormalMixture)),
+    Example("MultivariateNormalMixture", _mvn_params(3, 2), _mvn()),
+    Example(
+        "MultivariateNormalMixture-1d-cov-probs",
+        _mvn_params(4, 1, "probs"),
+        _mvn("covariance_matrix"),
+    ),
+    Example("LowRankMultivariateNormalMixture", _low_rank_params(3, 2, 1), _low_rank),
     Example(
         "GumbelSoftmaxMixture",
         _mixture_params(3, 2),

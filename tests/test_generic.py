@@ -164,10 +164,12 @@ def _chi_square_2d(x, log_prob, cells=8, sub=12):
 
 
 def _cos_objective(d, a, b):
-    r"""Closed form of :math:`E[\cos(a \cdot z + b)]` for a diagonal Gaussian mixture."""
-    comp = torch.exp(-0.5 * (a.square() * d.scales.square()).sum(-1)) * torch.cos(
-        (d.locs * a).sum(-1) + b
-    )
+    r"""Closed form of :math:`E[\cos(a \cdot z + b)]` for a Gaussian mixture (diagonal or not)."""
+    if hasattr(d, "scales"):
+        spread = (a.square() * d.scales.square()).sum(-1)  # a^T Sigma_k a, [*B, K]
+    else:
+        spread = torch.einsum("...kij,i,j->...k", d.component_covariance_matrix, a, a)
+    comp = torch.exp(-0.5 * spread) * torch.cos((d.locs * a).sum(-1) + b)
     return (d.probs * comp).sum(-1)
 
 
@@ -211,8 +213,12 @@ def test_log_responsibilities_are_bayes_rule(example, batch_shape):
     x = d.sample((5,))
     log_r = d.log_responsibilities(x)
     torch.testing.assert_close(log_r.logsumexp(-1), torch.zeros_like(log_r[..., 0]))
-    normal = torch.distributions.Normal(d.locs, d.scales)
-    log_joint = d.logits + normal.log_prob(x.unsqueeze(-2)).sum(-1)
+    if hasattr(d, "scales"):
+        normal = torch.distributions.Normal(d.locs, d.scales)
+        component = torch.distributions.Independent(normal, 1)
+    else:
+        component = torch.distributions.MultivariateNormal(d.locs, d.component_covariance_matrix)
+    log_joint = d.logits + component.log_prob(x.unsqueeze(-2))
     torch.testing.assert_close(log_r, log_joint.log_softmax(-1))
 
 
