@@ -642,3 +642,77 @@ def test_conditional_sample_and_score_errors(tmp_path, capsys):
     plain = _fit(capsys, tmp_path, _csv(tmp_path / "x.csv", _data()), "flow", *HIDDEN["flow"])
     status, _, err = _run(capsys, "sample", plain, "-n", "2", "--context", wide)
     _one_line_error(err, r"`--context` applies to conditional models")
+
+
+# --- a .npy DATA is memory-mapped: read batch by batch, never whole -------------------------
+
+
+def test_fit_memory_maps_npy_and_holds_out_the_rows_of_split_validation(
+    tmp_path, capsys, monkeypatch
+):
+    x = _data().astype(np.float32)
+    array = tmp_path / "x.npy"
+    np.save(array, x)
+    modes = []
+    load = np.load
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("mmap_mode"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(files.np, "load", spy)
+    from pyro_mixflow.nn import GMM
+
+    starts = []
+    init = GMM.init_from_data
+
+    def spy_init(self, data, context=None, **kwargs):
+        starts.append(data.clone())
+        return init(self, data, context, **kwargs)
+
+    monkeypatch.setattr(GMM, "init_from_data", spy_init)
+    model = _fit(capsys, tmp_path, array, "gmm", "--seed", "4")
+    assert modes == ["r"]
+    loaded = load_model_file(model)
+    train, val = split_validation(
+        torch.as_tensor(x), 0.1, generator=torch.Generator().manual_seed(4)
+    )
+    assert torch.equal(starts[0], train)  # fewer rows than INIT_ROWS: all training rows, in order
+    with torch.no_grad():
+        expected = loaded.model().log_prob(val).double().sum().item() / len(val)
+    assert loaded.info["validation_rows"] == 12 and loaded.info["train_rows"] == 108
+    assert loaded.info["validation_log_lik"] == expected
+    # More training rows than INIT_ROWS: the model starts from a random subsample of them.
+    monkeypatch.setattr("pyro_mixflow.cli.commands.INIT_ROWS", 50)
+    _fit(capsys, tmp_path, array, "gmm", "--seed", "4")
+    sample = starts[1]
+    assert sample.shape == (50, 2) and not torch.equal(sample, train[:50])
+    assert all(bool((row == train).all(-1).any()) for row in sample)  # training rows only
+
+
+def test_fit_on_memory_mapped_npy_with_context_columns(tmp_path, capsys):
+    x = _data(dim=3)
+    array = tmp_path / "x.npy"
+    np.save(array, x)
+    out = _fit(capsys, tmp_path, array, "gmm", "--context-columns", "2", "--validation", "0.2")
+    loaded = load_model_file(out)
+    assert tuple(loaded.info["context_columns"]) == (2,) and loaded.input_dim == 2
+    assert loaded.info["train_rows"] == 96 and loaded.info["validation_rows"] == 24
+    status, printed, err = _run(capsys, "score", out, array)
+    assert status == 0 and len(printed.split()) == 120, err
+
+
+def test_memory_mapped_npy_is_checked_in_chunks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pyro_mixflow.cli.files.CHECK_ROWS", 4)
+    x = _data()
+    x[[9, 30], 1] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, x)
+    status, _, err = _run(capsys, "fit", path, "--model", "gmm", *FAST, "--out", tmp_path / "m")
+    assert status == 2
+    _one_line_error(err, r"nan.npy has 2 row\(s\) with NaN or infinite values \(first: index 9\)")
+    x[[9, 30], 1] = [0.0, 1e39]
+    np.save(path, x)
+    status, _, err = _run(capsys, "fit", path, "--model", "gmm", *FAST, "--out", tmp_path / "m")
+    assert status == 2
+    _one_line_error(err, r"1 row\(s\) with values beyond the float32 range \(first: index 30\)")

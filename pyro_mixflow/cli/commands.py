@@ -8,15 +8,32 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-from pyro_mixflow.cli.files import check_output_suffix, read_rows, row_location, write_rows
+from pyro_mixflow.cli.files import (
+    check_output_suffix,
+    map_rows,
+    read_rows,
+    row_location,
+    write_rows,
+)
 from pyro_mixflow.fitting import Pairs, split_validation
 from pyro_mixflow.io import MODELS, build_model, load_model_file, save_model, stored_arguments
 
-__all__ = ["CHUNK_ROWS", "CommandFailed", "context_positions", "run_fit", "run_sample", "run_score"]
+__all__ = [
+    "CHUNK_ROWS",
+    "INIT_ROWS",
+    "CommandFailed",
+    "context_positions",
+    "run_fit",
+    "run_sample",
+    "run_score",
+]
 
 CHUNK_ROWS = 8192  # rows per forward pass of `score`/`sample` (bounded memory, progress bar)
+INIT_ROWS = 100_000  # the most training rows of a memory-mapped DATA that start a model
 
 
 class CommandFailed(Exception):
@@ -29,6 +46,12 @@ def run_fit(args: argparse.Namespace) -> int:
     Holds out ``args.validation`` of the rows (:func:`~pyro_mixflow.fitting.split_validation`
     seeded with ``args.seed``), starts the model from the data, trains it with
     :func:`~pyro_mixflow.fit`, prints one summary line and saves it to ``args.out``.
+
+    A ``.npy`` DATA is memory-mapped (:func:`~pyro_mixflow.cli.files.map_rows`), so a file
+    larger than memory trains: the model starts from at most ``INIT_ROWS`` training rows drawn
+    at random (all of them if there are fewer), :func:`~pyro_mixflow.fit` reads the rows batch
+    by batch and holds out the same rows by index, and the summary's log-likelihoods are
+    computed chunk by chunk.
 
     Args:
         args: The parsed ``fit`` arguments.
@@ -58,7 +81,8 @@ def run_fit(args: argparse.Namespace) -> int:
     from pyro_mixflow import fit
 
     kind = MODELS[args.model]
-    rows, columns = read_rows(args.data)
+    mapped = args.data.suffix.lower() == ".npy"
+    rows, columns = (map_rows(args.data), None) if mapped else read_rows(args.data)
     positions = context_positions(args.context_columns, rows.shape[1], columns)
     hidden = kind.hidden_dims or (kind.context_hidden_dims if positions else None)
     if args.hidden_dims is not None and hidden is None:
@@ -68,20 +92,27 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"`--components` does not apply to `--model {args.model}`")
     if args.out.is_dir():
         raise ValueError(f"`--out` {args.out} is a directory; give a file name")
-    pairs = _split_table(rows, positions)
+    pairs = _MappedRows(rows, positions) if mapped else _split_table(rows, positions)
     train, val = pairs, None
     if args.validation:
         generator = torch.Generator().manual_seed(args.seed)
         try:
+            # int32 indices: half the memory for a large memory-mapped DATA, the same rows
+            positions_dtype = torch.int32 if mapped and len(rows) < 2**31 else torch.int64
             index, val_index = split_validation(
-                torch.arange(len(rows)), args.validation, generator=generator
+                torch.arange(len(rows), dtype=positions_dtype), args.validation, generator=generator
             )
         except ValueError:  # the only one possible here: no rows left to train on
             raise ValueError(
                 f"`--validation {args.validation}` leaves no training rows out of {len(rows)}"
             ) from None
-        train, val = pairs.take(index), pairs.take(val_index)
+        train, val = (
+            (pairs.subset(index), pairs.subset(val_index))
+            if mapped
+            else (pairs.take(index), pairs.take(val_index))
+        )
     num_val = 0 if val is None else len(val)
+    dim = rows.shape[1] - len(positions)
 
     options: dict[str, Any] = {}
     if kind.components is not None:
@@ -91,7 +122,7 @@ def run_fit(args: argparse.Namespace) -> int:
     options["context_dim"] = len(positions) or None
     torch.manual_seed(args.seed)
     try:
-        model = build_model(args.model, train.rows.shape[1], **options)
+        model = build_model(args.model, dim, **options)
     except ValueError as error:
         raise ValueError(f"`--model {args.model}`: {error}") from None
     kwargs = stored_arguments(model)
@@ -104,21 +135,36 @@ def run_fit(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if hasattr(model, "init_from_data"):
-        if train.context is None:
-            model.init_from_data(train.rows, seed=args.seed)
+        first = train
+        if mapped:  # a random subsample, read from the file
+            chosen = torch.arange(len(train))
+            if len(train) > INIT_ROWS:
+                generator = torch.Generator().manual_seed(args.seed)
+                chosen = torch.randperm(len(train), generator=generator, dtype=torch.int32)
+                chosen = chosen[:INIT_ROWS].sort()[0]
+            first = train.take(chosen)
+        if first.context is None:
+            model.init_from_data(first.rows, seed=args.seed)
         else:
-            model.init_from_data(train.rows, train.context, seed=args.seed)
+            model.init_from_data(first.rows, first.context, seed=args.seed)
+    if mapped:  # fit holds out the same rows (split_validation seeded alike), by index
+        data, context = rows if not positions else pairs, None
+        validation, validation_context = args.validation or None, None
+    else:
+        data, context = train.rows, train.context
+        validation = None if val is None else val.rows
+        validation_context = None if val is None else val.context
     try:
         history = fit(
             model,
-            train.rows,
-            context=train.context,
+            data,
+            context=context,
             steps=args.steps,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
-            validation=None if val is None else val.rows,
-            validation_context=None if val is None else val.context,
+            validation=validation,
+            validation_context=validation_context,
             seed=args.seed,
             threads=args.threads or 1,
             progress=not args.no_progress,
@@ -155,7 +201,7 @@ def run_fit(args: argparse.Namespace) -> int:
     given = f" given {len(positions)} context column(s)" if positions else ""
     print(
         f"{args.model} ({size}{num_params} parameters) on {len(train)} rows of dimension "
-        f"{train.rows.shape[1]}{given}: {', '.join(results)} -> {args.out}"
+        f"{dim}{given}: {', '.join(results)} -> {args.out}"
     )
     return 0
 
@@ -361,10 +407,53 @@ def _sample_given_context(args: argparse.Namespace, loaded: Any, positions: tupl
     return 0
 
 
+class _MappedRows(Dataset):
+    """Rows of a memory-mapped table at ``index`` (all if ``None``), read on demand.
+
+    The columns at ``positions`` are context rows. Items are rows, or ``(row, context)`` pairs.
+    """
+
+    def __init__(
+        self, table: np.ndarray, positions: tuple[int, ...], index: torch.Tensor | None = None
+    ) -> None:
+        self.table, self.positions, self.index = table, positions, index
+
+    def __len__(self) -> int:
+        return len(self.table) if self.index is None else len(self.index)
+
+    def subset(self, index: torch.Tensor) -> _MappedRows:
+        return _MappedRows(self.table, self.positions, self._source(index))
+
+    def take(self, index: torch.Tensor | slice) -> Pairs:
+        """The rows at ``index``, read in the file's order, returned in the order asked."""
+        source = self._source(index)
+        ordered, order = torch.sort(source)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        values = torch.from_numpy(np.array(self.table[ordered.numpy()], dtype=np.float32))
+        return _split_table(values[inverse], self.positions)
+
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        pairs = self.take(torch.tensor(indices, dtype=torch.long))
+        if pairs.context is None:
+            return list(pairs.rows)
+        return list(zip(pairs.rows, pairs.context, strict=True))
+
+    def _source(self, index: torch.Tensor | slice) -> torch.Tensor:
+        if self.index is not None:
+            return self.index[index]
+        if isinstance(index, slice):
+            return torch.arange(*index.indices(len(self)))
+        return index
+
+
 @torch.no_grad()
-def _mean_log_prob(model: torch.nn.Module, pairs: Pairs) -> float:
-    chunks = [pairs.take(slice(i, i + CHUNK_ROWS)) for i in range(0, len(pairs), CHUNK_ROWS)]
-    total = sum(
+def _mean_log_prob(model: torch.nn.Module, pairs: Pairs | _MappedRows) -> float:
+    chunks = (pairs.take(slice(i, i + CHUNK_ROWS)) for i in range(0, len(pairs), CHUNK_ROWS))
+    total = sum(  # one chunk in memory at a time
         chunk.distribution(model).log_prob(chunk.rows).double().sum().item() for chunk in chunks
     )
     return total / len(pairs) if math.isfinite(total) else total

@@ -2,7 +2,9 @@ r"""Data files of the command line: rows of numbers in CSV text or ``.npy`` arra
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import mmap
 import re
 import sys
 import warnings
@@ -13,9 +15,18 @@ import torch
 
 from pyro_mixflow.io import atomic_write
 
-__all__ = ["OUTPUT_SUFFIXES", "check_output_suffix", "read_rows", "row_location", "write_rows"]
+__all__ = [
+    "CHECK_ROWS",
+    "OUTPUT_SUFFIXES",
+    "check_output_suffix",
+    "map_rows",
+    "read_rows",
+    "row_location",
+    "write_rows",
+]
 
 OUTPUT_SUFFIXES = (".csv", ".npy")
+CHECK_ROWS = 65536  # rows per chunk of the checks of a memory-mapped array
 
 
 def read_rows(
@@ -86,6 +97,70 @@ def read_rows(
             f"(first: {row_location(path, int(bad[0]), label=label)}); rescale the data"
         )
     return rows, columns
+
+
+def map_rows(
+    path: str | Path, *, label: str = "DATA", dtype: torch.dtype = torch.float32
+) -> np.memmap:
+    r"""Opens a ``.npy`` array memory-mapped, as rows ``(N, D)``, checked chunk by chunk.
+
+    The array stays on disk (read-only): the checks of :func:`read_rows`, with its messages,
+    read ``CHECK_ROWS`` rows at a time, so a file larger than memory can be given to
+    :func:`~pyro_mixflow.fit`, which reads it batch by batch.
+
+    Args:
+        path: A ``.npy`` file.
+        label: How messages name the file's role (``DATA``).
+        dtype: The dtype the rows will be read as; values beyond its range are an error.
+
+    Returns:
+        The memory map, ``(N, D)`` (``D = 1`` for a 1-D array), of the file's dtype.
+
+    Raises:
+        ValueError: If the file is missing or not a ``.npy`` array of real numbers of shape
+            ``(N, D)`` or ``(N,)``, is empty, or holds NaN or infinite values or values beyond
+            ``dtype``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     np.save(f"{folder}/x.npy", np.arange(6.0))
+        ...     rows = map_rows(f"{folder}/x.npy")
+        ...     type(rows).__name__, rows.shape, rows[4:].tolist()
+        ('memmap', (6, 1), [[4.0], [5.0]])
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ValueError(f"{label} {path} {what}")
+    array = _read_npy(path, label, mmap_mode="r")
+    dtype_name = str(dtype).removeprefix("torch.")
+    non_finite = beyond = 0
+    first_non_finite = first_beyond = -1
+    for start in range(0, len(array), CHECK_ROWS):
+        chunk = np.asarray(array[start : start + CHECK_ROWS])
+        finite = np.isfinite(chunk).all(axis=1)
+        with np.errstate(over="ignore"):
+            fits = torch.isfinite(torch.from_numpy(chunk.astype(np.float64)).to(dtype)).all(dim=1)
+        beyond_here = np.flatnonzero(finite & ~fits.numpy())
+        if first_non_finite < 0 and not finite.all():
+            first_non_finite = start + int(np.flatnonzero(~finite)[0])
+        if first_beyond < 0 and len(beyond_here):
+            first_beyond = start + int(beyond_here[0])
+        non_finite += int((~finite).sum())
+        beyond += len(beyond_here)
+    if non_finite:
+        raise ValueError(
+            f"{label} {path} has {non_finite} row(s) with NaN or infinite values (first: "
+            f"{row_location(path, first_non_finite, label=label)}); remove or impute them"
+        )
+    if beyond:
+        raise ValueError(
+            f"{label} {path} has {beyond} row(s) with values beyond the {dtype_name} range "
+            f"(first: {row_location(path, first_beyond, label=label)}); rescale the data"
+        )
+    _release_pages(array)
+    return array
 
 
 def row_location(path: str | Path, index: int, *, label: str = "DATA") -> str:
@@ -185,15 +260,17 @@ def _first_inner_blank_line(path: Path) -> int | None:
     return None if match is None else data.count(b"\n", 0, match.start()) + 2
 
 
-def _read_npy(path: Path, label: str) -> np.ndarray:
+def _read_npy(path: Path, label: str, mmap_mode: str | None = None) -> np.ndarray:
+    """The checked array ``(N, D)``: float64 in memory, or as stored if memory-mapped."""
     with open(path, "rb") as file:
         is_npy = file.read(6) == b"\x93NUMPY"
     try:
         if not is_npy:
             raise ValueError("no .npy header")
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
     except (ValueError, OSError, EOFError) as error:
-        reason = "it holds Python objects" if "Object arrays" in str(error) else "not a .npy array"
+        objects = "Object arrays" in str(error) or "Python objects" in str(error)
+        reason = "it holds Python objects" if objects else "not a .npy array"
         raise ValueError(f"{label} {path} cannot be read ({reason})") from None
     if array.dtype.kind not in "iuf":
         raise ValueError(f"{label} {path} must hold real numbers, got dtype {array.dtype}")
@@ -201,8 +278,18 @@ def _read_npy(path: Path, label: str) -> np.ndarray:
         raise ValueError(f"{label} {path} must have shape (N, D) or (N,), got {array.shape}")
     if array.size == 0:
         raise ValueError(f"{label} {path} is empty (shape {array.shape})")
+    if mmap_mode is not None:
+        return array.reshape(len(array), -1)
     with np.errstate(over="ignore"):
         return array.astype(np.float64).reshape(len(array), -1)
+
+
+def _release_pages(array: np.ndarray) -> None:
+    """Drops the pages of a read-only memory map from the process (not from the page cache)."""
+    mapping = getattr(array, "_mmap", None)
+    if getattr(array, "mode", None) == "r" and hasattr(mapping, "madvise"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            mapping.madvise(getattr(mmap, "MADV_DONTNEED", 4))
 
 
 def _read_text_fast(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None] | None:

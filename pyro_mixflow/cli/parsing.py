@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from pyro_mixflow.cli.commands import run_fit, run_sample, run_score
+from pyro_mixflow.cli.commands import INIT_ROWS, run_fit, run_sample, run_score
 from pyro_mixflow.cli.demo import DEMO_DATASETS, DEMO_MODELS, run_demo
 from pyro_mixflow.io import MODELS
 
@@ -26,7 +26,8 @@ examples:
   pyro-mixflow sample flow.pt -n 1000 --seed 0 --out draws.csv
 
 DATA is comma-separated text (an optional header row of names, one row per observation) or a
-.npy array of shape (N, D) or (N,). Errors are reported on one line with exit status 2
+.npy array of shape (N, D) or (N,); `fit` memory-maps a .npy file, which may be larger than
+memory. Errors are reported on one line with exit status 2
 (1 if training diverges, 130 on Ctrl-C); output files are written atomically.
 """
 
@@ -175,7 +176,13 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
         "--components 20 --steps 2000 --out flow.pt",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fit.add_argument("data", type=Path, metavar="DATA", help="CSV (optional header) or .npy")
+    fit.add_argument(
+        "data",
+        type=Path,
+        metavar="DATA",
+        help="CSV (optional header) or .npy (memory-mapped: read batch by batch, the model "
+        f"started from at most {INIT_ROWS} random training rows)",
+    )
     fit.add_argument("--model", required=True, choices=list(MODELS), help="model to fit")
     fit.add_argument(
         "--components",

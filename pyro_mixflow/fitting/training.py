@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import mmap
 import numbers
 import time
 from collections.abc import Callable, Iterator
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Distribution
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pyro_mixflow._checks import check_integer, check_non_negative_float, check_positive_int
+from pyro_mixflow.fitting.distributed import all_reduce_sum, broadcast_state, rank_and_world_size
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,6 +30,7 @@ __all__ = ["History", "Pairs", "cpu_training", "fit", "split_validation"]
 
 DEFAULT_STEPS = 1000
 EVALUATIONS_PER_RUN = 20
+CHECK_ROWS = 65536  # rows per chunk of the finiteness check of a memory-mapped array
 
 
 @dataclass(repr=False)
@@ -93,7 +97,7 @@ class History:
 
 def fit(
     model: nn.Module,
-    data: torch.Tensor | np.ndarray,
+    data: torch.Tensor | np.ndarray | Dataset,
     *,
     context: torch.Tensor | np.ndarray | None = None,
     steps: int | None = None,
@@ -102,7 +106,7 @@ def fit(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     schedule: str | Callable[[int], float] = "cosine",
-    validation: float | torch.Tensor | np.ndarray | None = 0.1,
+    validation: float | torch.Tensor | np.ndarray | Dataset | None = 0.1,
     validation_context: torch.Tensor | np.ndarray | None = None,
     eval_every: int | None = None,
     patience: int | None = None,
@@ -146,6 +150,45 @@ def fit(
     non-finite loss, an exception, Ctrl-C), the model is first restored to the best validated
     state, or without one to the last parameters whose training loss was finite.
 
+    Data larger than memory stays on disk: give a memory-mapped array
+    (``np.load(path, mmap_mode="r")`` or a :class:`numpy.memmap`) or a map-style
+    :class:`torch.utils.data.Dataset`. ``fit`` then reads each mini-batch when it needs it (the
+    rows of a batch in increasing index order, for locality; the batch keeps its shuffled
+    order), splits off the validation rows by index and evaluates them in batches, so memory
+    holds only the indices (8 bytes a row) and a few batches. It draws the same split and the
+    same batches as for the same rows in memory, and gives the same result. A memory-mapped
+    array is checked for NaN and infinite values once, in chunks, with the messages of
+    in-memory data; a ``Dataset``, whose items are rows ``(D,)`` (or scalars) or
+    ``(row, context)`` pairs for a conditional model, is checked batch by batch as it is read
+    (read with its ``__getitems__`` when it has one, else item by item). A
+    :class:`~torch.utils.data.DataLoader` is refused: ``fit`` chooses its batches itself (the
+    split, the seeded shuffling), so give its ``dataset``. ``fit`` computes no statistics of the
+    data; start a model from a random subsample of a large file (``init_from_data`` on a
+    hundred thousand rows estimates means and scales to a fraction of a percent).
+
+    Under ``torchrun``: when the script has initialized a :mod:`torch.distributed` process
+    group (``init_process_group("gloo")`` on CPUs, ``"nccl"`` on GPUs, the model on the rank's
+    GPU; ``fit`` does not create one), every rank runs the same ``fit`` on the same data (or
+    the same file or ``Dataset``) and ``fit`` trains one model with them. All ranks start from
+    rank 0's parameters and buffers (so an EM start computed on rank 0 alone is enough), draw
+    the same split and permutations (rank 0's seed when ``seed`` is ``None``), and split each
+    mini-batch of ``batch_size`` rows into contiguous shares, one per rank: a disjoint part of
+    every epoch. Each rank back-propagates its rows' negative log-likelihood divided by the
+    batch size, and the gradients are summed over the ranks with one
+    :func:`torch.distributed.all_reduce` per step, which is the gradient of the batch's mean
+    loss: training on :math:`R` ranks takes the steps of one process on the same batches, to
+    floating-point rounding, :math:`R` times fewer rows per process. This is the arithmetic of
+    :class:`~torch.nn.parallel.DistributedDataParallel` (summed, rather than averaged,
+    because the shares may differ by a row), done after the backward pass because DDP's
+    contract does not fit here: its ``forward`` must return the tensors the loss is computed
+    from, while our models return a distribution, and it fails on parameters that get no
+    gradient in a step. Validation rows are shared out likewise and their log-likelihoods
+    summed over the ranks, so the validation losses, early stopping, the callback's stop (any
+    rank's) and the best state agree on every rank; the final state is broadcast from rank 0.
+    Only rank 0 shows the progress bar; ``fit`` writes no files (save on rank 0). Every rank
+    must make the same calls: an exception on one rank alone (a bad item of a ``Dataset``
+    read by that rank) leaves the others waiting until the group's timeout.
+
     Randomness: the split and the shuffling use a private :class:`torch.Generator` seeded with
     ``seed``. A given ``seed`` also seeds torch's global generators (``torch.manual_seed``),
     which the model uses for any sampling of its own; they are not restored afterwards. With
@@ -161,10 +204,13 @@ def fit(
             scalar rows; ``(N,)`` and ``(N, 1)`` are interchangeable for models with
             ``event_shape`` ``(1,)`` or ``()``. Integer or floating dtype; converted to the
             dtype of the model's first floating-point parameter (float32 for most models)
-            and copied to the device.
+            and copied to the device. A memory-mapped array or a ``Dataset`` is read batch
+            by batch instead (see above).
         context: Context rows of a conditional model, ``(N, C)`` (or ``(N,)`` for
             ``C = 1``), one per row of ``data``; a tensor or array of real numbers, converted
-            like ``data``. ``None`` for an unconditional model.
+            like ``data`` (a memory-mapped one is read per batch with a memory-mapped
+            ``data``). ``None`` for an unconditional model, or when ``data`` is a ``Dataset``
+            of ``(row, context)`` pairs.
         steps: Number of optimizer steps. Give at most one of ``steps`` and ``epochs``; with
             neither, 1000 steps.
         epochs: Number of passes over the training rows, ``ceil(N_train / batch_size)``
@@ -177,10 +223,10 @@ def fit(
             nearly 0 at the last step; ``"constant"`` is 1; or a callable ``t -> factor``
             returning a finite number :math:`\geq 0`.
         validation: Held-out rows: a fraction in :math:`[0, 1)` of ``data`` split off at
-            random (at least one row), explicit rows (a tensor or array shaped like
-            ``data``), or ``None``/``0`` for no validation. The initial parameters are
-            evaluated too (step 0), so a good initialization such as an EM fit is kept when
-            training does not improve on it.
+            random (at least one row), explicit rows (a tensor, array, memory-mapped array
+            or ``Dataset`` shaped like ``data``), or ``None``/``0`` for no validation. The
+            initial parameters are evaluated too (step 0), so a good initialization such as
+            an EM fit is kept when training does not improve on it.
         validation_context: The context rows of explicit ``validation`` rows of a conditional
             model (a validation fraction takes them from ``context``).
         eval_every: Steps between evaluations (validation loss and ``callback``). Default:
@@ -207,12 +253,14 @@ def fit(
 
     Raises:
         TypeError: If ``model`` is not a module or does not return a distribution, or
-            ``data``/``validation`` is not a tensor or array of numbers.
+            ``data``/``validation`` is not a tensor, array or ``Dataset`` of numbers (a
+            ``DataLoader`` included).
         ValueError: If ``data``/``validation`` (or their context rows) is empty, has the wrong
             number of dimensions, holds NaN or infinite values (the message counts the rows
             and names the first), or does not match the model's ``event_shape``; if context
-            and data rows differ in number; if a model parameter is not finite; or if an
-            argument is out of range.
+            and data rows differ in number; if a model parameter is not finite; if an
+            argument is out of range; or, while training, if a batch read from a ``Dataset``
+            holds NaN or infinite values or items of different shapes.
         RuntimeError: If the training loss, the gradient or the parameters become NaN or
             infinite (including a distribution's own ``ValueError`` on NaN parameters, chained
             as the cause); the model is restored first (see above).
@@ -257,16 +305,22 @@ def fit(
         model, data, context, validation, validation_context, settings, params, device
     )
     steps, eval_every = settings.plan(len(x))
+    rank, world_size = rank_and_world_size()
+    broadcast_state(model)  # every rank starts from rank 0's state (an EM start included)
     optimizer = _optimizer(params, settings)
     history = History()
     checkpoints = _Checkpoints(model, history, settings.patience)
-    batches = _shuffled_batches(len(x), settings.batch_size, generator, x.rows.device)
-    bar = tqdm(total=steps, desc="fit", disable=not progress, mininterval=0.5)
+    if isinstance(x, Pairs):
+        batches = _shuffled_batches(len(x), settings.batch_size, generator, x.rows.device)
+    else:  # the same permutations in half the memory (int32 indices)
+        index_dtype = _index_dtype(len(x))
+        batches = _shuffled_batches(len(x), settings.batch_size, generator, "cpu", index_dtype)
+    bar = tqdm(total=steps, desc="fit", disable=not progress or rank != 0, mininterval=0.5)
     was_training = model.training
     model.train()
     step = 0
     smoothed = math.nan
-    with cpu_training(settings.threads if x.rows.device.type == "cpu" else None):
+    with cpu_training(settings.threads if params[0].device.type == "cpu" else None):
         if x_val is not None:
             # The starting state competes too, so a good initialization (EM) is never lost.
             checkpoints.validate(0, _mean_nll(model, x_val, settings.batch_size))
@@ -274,12 +328,20 @@ def fit(
             for step in range(1, steps + 1):
                 for group in optimizer.param_groups:
                     group["lr"] = settings.lr * settings.factor(step - 1, steps)
-                loss = _batch_loss(model, x.take(next(batches)))
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise _Divergence(f"the training loss is {value}")
-                checkpoints.mark_good(step)
-                norm = _update(optimizer, loss, params, settings.clip_grad_norm)
+                batch = next(batches)
+                if world_size == 1:
+                    loss = _batch_loss(model, x.take(batch))
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise _Divergence(f"the training loss is {value}")
+                    checkpoints.mark_good(step)
+                    norm = _update(optimizer, loss, params, settings.clip_grad_norm)
+                else:
+                    value = _summed_gradients(model, x, batch, params, optimizer)
+                    if not math.isfinite(value):
+                        raise _Divergence(f"the training loss is {value}")
+                    checkpoints.mark_good(step)
+                    norm = _clipped_step(optimizer, params, settings.clip_grad_norm)
                 if not math.isfinite(norm):
                     raise _Divergence(f"the gradient norm is {norm}")
                 history.train_loss.append(value)
@@ -292,6 +354,10 @@ def fit(
                         stop = checkpoints.validate(step, val)
                     if callback is not None and callback(step, history):
                         stop = True
+                    if world_size > 1:  # stop together if any rank's callback says so
+                        flag = torch.tensor([float(stop)], device=params[0].device)
+                        all_reduce_sum([flag])
+                        stop = bool(flag.item() > 0)
                 _show_progress(bar, smoothed, history)
                 if stop and step < steps:
                     history.stopped_early = True
@@ -313,6 +379,7 @@ def fit(
             model.train(was_training)
             history.seconds = time.perf_counter() - start
         checkpoints.load_best()
+        broadcast_state(model)  # the same model on every rank, whatever their arithmetic
     return history
 
 
@@ -379,17 +446,33 @@ def split_validation(
         >>> train.shape, val.shape
         (torch.Size([8, 1]), torch.Size([2, 1]))
     """
+    order, num_val = _held_out(len(rows), fraction, generator)
+    order = order.to(rows.device)
+    return rows[order[num_val:]], rows[order[:num_val]]
+
+
+def _held_out(
+    num_rows: int,
+    fraction: Any,
+    generator: torch.Generator | None,
+    dtype: torch.dtype = torch.int64,
+) -> tuple[torch.Tensor, int]:
+    """The permutation of :func:`split_validation` and its number of held-out rows."""
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
         raise TypeError(f"`fraction` must be a number, got {type(fraction).__name__}")
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"`fraction` must be in (0, 1), got {fraction}")
-    num_val = max(1, round(fraction * len(rows)))
-    if num_val >= len(rows):
+    num_val = max(1, round(fraction * num_rows))
+    if num_val >= num_rows:
         raise ValueError(
-            f"`validation={fraction}` leaves no training rows out of {len(rows)} row(s)"
+            f"`validation={fraction}` leaves no training rows out of {num_rows} row(s)"
         )
-    order = torch.randperm(len(rows), generator=generator, device="cpu").to(rows.device)
-    return rows[order[num_val:]], rows[order[:num_val]]
+    return torch.randperm(num_rows, generator=generator, device="cpu", dtype=dtype), num_val
+
+
+def _index_dtype(num_rows: int) -> torch.dtype:
+    """int32 indices for fewer than :math:`2^{31}` rows (half the memory of int64)."""
+    return torch.int32 if num_rows < 2**31 else torch.int64
 
 
 @dataclass(frozen=True)
@@ -518,6 +601,55 @@ class Pairs:
         return model() if self.context is None else model(self.context)
 
 
+@dataclass(frozen=True)
+class _LazyPairs:
+    """Pairs read on demand, for data that stays on disk: a memory map or a ``Dataset``.
+
+    ``read(indices)`` returns the CPU pairs at increasing source indices (int64 array), rows
+    of the source's shape; ``index`` holds the source rows of a split (``None``: all of them).
+    """
+
+    read: Callable[[np.ndarray], Pairs]
+    size: int  # rows of the source
+    row_shape: tuple[int, ...]
+    conditional: bool
+    index: torch.Tensor | None = None
+    device: torch.device | str = "cpu"
+
+    def __len__(self) -> int:
+        return self.size if self.index is None else len(self.index)
+
+    def subset(self, index: torch.Tensor) -> _LazyPairs:
+        """The rows at ``index``, still unread."""
+        return dataclasses.replace(self, index=index if self.index is None else self.index[index])
+
+    def to(self, device: torch.device) -> _LazyPairs:
+        """The same rows, read onto ``device``."""
+        return dataclasses.replace(self, device=torch.device(device))
+
+    def take(self, index: torch.Tensor | slice) -> Pairs:
+        """The pairs at ``index``, on ``device``, in the order asked.
+
+        They are read in increasing source order: the file's order, for locality.
+        """
+        if isinstance(index, slice):
+            positions = range(*index.indices(len(self)))
+            if self.index is None:
+                source = torch.arange(positions.start, positions.stop, positions.step)
+            else:
+                source = self.index[index]
+        else:
+            index = index.cpu()
+            source = index if self.index is None else self.index[index]
+        ordered, order = torch.sort(source)
+        pairs = self.read(ordered.numpy())
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        rows = pairs.rows[inverse].reshape(len(order), *self.row_shape).to(self.device)
+        context = None if pairs.context is None else pairs.context[inverse].to(self.device)
+        return Pairs(rows, context)
+
+
 def _prepare_rows(
     model: nn.Module,
     data: Any,
@@ -527,39 +659,55 @@ def _prepare_rows(
     settings: _Settings,
     params: list[nn.Parameter],
     device: str | torch.device | None,
-) -> tuple[Pairs, Pairs | None, torch.Generator]:
+) -> tuple[Pairs | _LazyPairs, Pairs | _LazyPairs | None, torch.Generator]:
     """Checks the rows, moves the model, seeds, splits: ``(train, validation, generator)``.
 
     The rows (and context rows) take the dtype of the model's first floating-point parameter
-    and go to ``device`` (default: the parameters' device), where the model goes too.
+    and go to ``device`` (default: the parameters' device), where the model goes too. A
+    memory-mapped array or a ``Dataset`` stays where it is: its rows are read per batch.
     """
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     dtype = torch.get_default_dtype() if dtype is None else dtype
     device = params[0].device if device is None else torch.device(device)
     explicit = settings.fraction is None
-    if validation_context is not None and (context is None or not explicit):
+    carried = isinstance(data, Dataset)  # a Dataset's items carry their context
+    if validation_context is not None and (not explicit or (context is None and not carried)):
         raise ValueError(
             "`validation_context` goes with `context` and explicit `validation` rows; "
             "a validation fraction takes its context rows from `context`"
         )
-    if context is not None and explicit and validation_context is None:
+    if (
+        context is not None
+        and explicit
+        and validation_context is None
+        and not isinstance(validation, Dataset)
+    ):
         raise ValueError(
             "`validation` rows of a conditional model need their `validation_context` rows"
         )
-    x = _with_context("data", data, "context", context, dtype)
+    x = _rows("data", data, "context", context, dtype)
     x_val = None
     if explicit:
-        x_val = _with_context(
-            "validation", validation, "validation_context", validation_context, dtype
-        )
+        x_val = _rows("validation", validation, "validation_context", validation_context, dtype)
+        if _is_conditional(x) != _is_conditional(x_val):
+            raise ValueError(
+                "`data` and `validation` must both carry context rows or both not: "
+                f"`data` {'has' if _is_conditional(x) else 'has no'} context rows, "
+                f"`validation` {'has' if _is_conditional(x_val) else 'has none'}"
+            )
     model.to(device)
     seed = settings.seed
     if seed is not None:
         torch.manual_seed(seed)
     else:
         seed = int(torch.randint(0, 2**62, ()).item())
+        rank, world_size = rank_and_world_size()
+        if world_size > 1:  # rank 0's: every rank must draw the same split and batches
+            agreed = torch.tensor([seed if rank == 0 else 0], device=device)
+            all_reduce_sum([agreed])
+            seed = int(agreed.item())
     generator = torch.Generator().manual_seed(seed)
-    probe = x.take(slice(0, 1))
+    probe = x.take(slice(0, 1)).to(device)
     with torch.no_grad():
         try:
             dist = probe.distribution(model)
@@ -571,10 +719,34 @@ def _prepare_rows(
                 "is the model conditional?"
             ) from error
         x, x_val = _match_event_shape(dist, x, x_val, probe.context)
-    if settings.fraction:
+    if settings.fraction and isinstance(x, Pairs):
         train, val = split_validation(torch.arange(len(x)), settings.fraction, generator=generator)
         x, x_val = x.take(train), x.take(val)
+    elif settings.fraction:  # the same split, by index: the rows stay on disk
+        order, num_val = _held_out(len(x), settings.fraction, generator, _index_dtype(len(x)))
+        x, x_val = x.subset(order[num_val:]), x.subset(order[:num_val])
     return x.to(device), None if x_val is None else x_val.to(device), generator
+
+
+def _rows(
+    name: str, data: Any, context_name: str, context: Any, dtype: torch.dtype
+) -> Pairs | _LazyPairs:
+    """In-memory :class:`Pairs`, or :class:`_LazyPairs` for a memory map or a ``Dataset``."""
+    if isinstance(data, DataLoader):
+        raise TypeError(
+            f"`{name}` is a DataLoader; give its dataset (`loader.dataset`): fit draws its own "
+            "mini-batches of `batch_size` rows, splits and shuffles them by index"
+        )
+    if isinstance(data, Dataset):
+        if context is not None:
+            raise ValueError(
+                f"`{context_name}` goes with tensor or array `{name}`; the items of a Dataset "
+                "carry their own context: (x, context) pairs"
+            )
+        return _dataset_pairs(name, data, dtype)
+    if isinstance(data, np.memmap):
+        return _memmap_pairs(name, data, context_name, context, dtype)
+    return _with_context(name, data, context_name, context, dtype)
 
 
 def _with_context(
@@ -595,6 +767,177 @@ def _with_context(
     return Pairs(rows, context_rows)
 
 
+def _is_conditional(pairs: Pairs | _LazyPairs) -> bool:
+    return pairs.conditional if isinstance(pairs, _LazyPairs) else pairs.context is not None
+
+
+def _memmap_pairs(
+    name: str, data: np.memmap, context_name: str, context: Any, dtype: torch.dtype
+) -> _LazyPairs:
+    """A memory-mapped array (checked chunk by chunk) and its context rows, read per batch."""
+    _check_mapped(name, data, dtype)
+    context_rows: np.ndarray | torch.Tensor | None = None
+    if context is not None:
+        if isinstance(context, np.memmap):
+            _check_mapped(context_name, context, dtype)
+            context_rows = context.reshape(len(context), -1)
+        else:
+            context_rows = _as_rows(context_name, context, dtype)
+            if context_rows.dim() == 1:
+                context_rows = context_rows.unsqueeze(-1)
+        if len(context_rows) != len(data):
+            raise ValueError(
+                f"`{context_name}` has {len(context_rows)} row(s) but `{name}` has "
+                f"{len(data)}; give one context row per data row"
+            )
+
+    def read(indices: np.ndarray) -> Pairs:
+        rows = _array_to_tensor(data[indices], dtype)
+        if context_rows is None:
+            return Pairs(rows)
+        if isinstance(context_rows, torch.Tensor):
+            return Pairs(rows, context_rows[torch.from_numpy(indices)])
+        return Pairs(rows, _array_to_tensor(context_rows[indices], dtype))
+
+    return _LazyPairs(read, len(data), tuple(data.shape[1:]), context is not None)
+
+
+def _check_mapped(name: str, array: np.ndarray, dtype: torch.dtype) -> None:
+    """The checks of :func:`_as_rows` on an array read in chunks of ``CHECK_ROWS`` rows."""
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"`{name}` must hold real numbers, got dtype {array.dtype}")
+    if array.ndim not in (1, 2):
+        raise ValueError(f"`{name}` must have shape (N, D) or (N,), got {tuple(array.shape)}")
+    if array.size == 0:
+        raise ValueError(f"`{name}` is empty (shape {tuple(array.shape)})")
+    count, first = 0, -1
+    for start in range(0, len(array), CHECK_ROWS):
+        chunk = _array_to_tensor(array[start : start + CHECK_ROWS], dtype)
+        bad = (~torch.isfinite(chunk).reshape(len(chunk), -1).all(-1)).nonzero().flatten()
+        if len(bad) and first < 0:
+            first = start + int(bad[0])
+        count += len(bad)
+    if count:
+        raise ValueError(_non_finite_message(name, count, first, array, dtype))
+    _release_pages(array)
+
+
+def _release_pages(array: np.ndarray) -> None:
+    """Drops the pages of a read-only memory map from the process (not from the page cache).
+
+    After a pass over the whole file they would count as resident memory until the kernel
+    reclaims them; they are read again, from the cache, when a batch needs them.
+    """
+    mapping = getattr(array, "_mmap", None)
+    if getattr(array, "mode", None) == "r" and hasattr(mapping, "madvise"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            mapping.madvise(getattr(mmap, "MADV_DONTNEED", 4))
+
+
+def _array_to_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``array`` as a tensor of ``dtype`` (overflow becomes infinity, reported later)."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    with np.errstate(over="ignore"):
+        return torch.from_numpy(np.array(array, dtype=np_dtype)).to(dtype)
+
+
+def _dataset_pairs(name: str, dataset: Dataset, dtype: torch.dtype) -> _LazyPairs:
+    """A map-style ``Dataset`` of rows or ``(row, context)`` pairs, read per batch.
+
+    Items are read with ``__getitems__`` when the dataset has it (torch's batched protocol),
+    else one by one; each batch is checked as it is read.
+    """
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be a map-style Dataset with a length (`__len__`), got "
+            f"{type(dataset).__name__}"
+        ) from None
+    if size == 0:
+        raise ValueError(f"`{name}` is empty (a Dataset of 0 items)")
+    first = dataset[0]
+    conditional = isinstance(first, tuple | list)
+    if conditional and len(first) != 2:
+        raise ValueError(
+            f"`{name}` items must be rows or (row, context) pairs; item 0 has {len(first)} parts"
+        )
+
+    def read(indices: np.ndarray) -> Pairs:
+        fetch = getattr(dataset, "__getitems__", None)
+        positions = indices.tolist()
+        items = fetch(positions) if fetch is not None else [dataset[i] for i in positions]
+        return _stack_items(name, items, positions, dtype, conditional=conditional)
+
+    probe = _stack_items(name, [first], [0], dtype, conditional=conditional)
+    return _LazyPairs(read, size, tuple(probe.rows.shape[1:]), conditional)
+
+
+def _stack_items(
+    name: str, items: list[Any], positions: list[int], dtype: torch.dtype, *, conditional: bool
+) -> Pairs:
+    """The rows (and context rows) of a ``Dataset``'s items, stacked and checked."""
+    rows, context = [], []
+    for position, item in zip(positions, items, strict=True):
+        if conditional:
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise ValueError(
+                    f"`{name}` item {position} is not a (row, context) pair, but item 0 is"
+                )
+            rows.append(_item_tensor(name, item[0], position, dtype, "row"))
+            context.append(_item_tensor(name, item[1], position, dtype, "context").reshape(-1))
+        else:
+            if isinstance(item, tuple | list):
+                raise ValueError(f"`{name}` item {position} is a pair, but item 0 is a row")
+            rows.append(_item_tensor(name, item, position, dtype, "row"))
+    batch = Pairs(_stack(name, rows, positions), _stack(name, context, positions))
+    for part, values in (("", batch.rows), (" context", batch.context)):
+        if values is None:
+            continue
+        bad = (~torch.isfinite(values).reshape(len(values), -1).all(-1)).nonzero().flatten()
+        if len(bad):
+            raise ValueError(
+                f"`{name}` item {positions[int(bad[0])]} has NaN or infinite{part} values; "
+                "remove or impute it (a Dataset is checked batch by batch as it is read)"
+            )
+    return batch
+
+
+def _item_tensor(
+    name: str, value: Any, position: int, dtype: torch.dtype, part: str
+) -> torch.Tensor:
+    """One item's row (or context row) as a tensor of ``dtype``, ``()`` or ``(D,)``."""
+    if isinstance(value, torch.Tensor):
+        tensor, kind = value.detach(), str(value.dtype)
+        real = not (tensor.dtype == torch.bool or tensor.is_complex())
+    else:
+        array = np.asarray(value)
+        kind, real = str(array.dtype), array.dtype.kind in "iuf"
+        tensor = torch.as_tensor(array) if real else None
+    if not real:
+        raise TypeError(f"`{name}` must hold real numbers, got dtype {kind} (item {position})")
+    if tensor.dim() > 1:
+        raise ValueError(
+            f"`{name}` item {position} has a {part} of shape {tuple(tensor.shape)}; items must "
+            "be rows of shape (D,) or scalars"
+        )
+    return tensor.to(device="cpu", dtype=dtype)
+
+
+def _stack(name: str, tensors: list[torch.Tensor], positions: list[int]) -> torch.Tensor | None:
+    """``torch.stack``, with an error naming the first item whose shape differs."""
+    if not tensors:
+        return None
+    shape = tensors[0].shape
+    for position, tensor in zip(positions, tensors, strict=True):
+        if tensor.shape != shape:
+            raise ValueError(
+                f"`{name}` item {position} has shape {tuple(tensor.shape)} but item "
+                f"{positions[0]} has {tuple(shape)}; all items must have the same shape"
+            )
+    return torch.stack(tensors)
+
+
 def _optimizer(params: list[nn.Parameter], settings: _Settings) -> torch.optim.Optimizer:
     """Adam, or AdamW (decoupled weight decay) when ``weight_decay > 0``."""
     if settings.weight_decay > 0:
@@ -602,8 +945,11 @@ def _optimizer(params: list[nn.Parameter], settings: _Settings) -> torch.optim.O
     return torch.optim.Adam(params, lr=settings.lr)
 
 
-def _batch_loss(model: nn.Module, pairs: Pairs) -> torch.Tensor:
-    """Mean negative log-likelihood of one mini-batch; checks the shape of ``log_prob``."""
+def _batch_loss(model: nn.Module, pairs: Pairs, total: int | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of one mini-batch; checks the shape of ``log_prob``.
+
+    With ``total``, the sum divided by ``total`` (a rank's part of a global batch's mean).
+    """
     batch = pairs.rows
     log_prob = pairs.distribution(model).log_prob(batch)
     if log_prob.shape != batch.shape[:1]:
@@ -611,7 +957,7 @@ def _batch_loss(model: nn.Module, pairs: Pairs) -> torch.Tensor:
             f"`model().log_prob` of a batch of shape {tuple(batch.shape)} has shape "
             f"{tuple(log_prob.shape)}, expected ({len(batch)},)"
         )
-    return -log_prob.mean()
+    return -log_prob.mean() if total is None else -log_prob.sum() / total
 
 
 def _update(
@@ -626,6 +972,48 @@ def _update(
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return _clipped_step(optimizer, params, clip_grad_norm)
+
+
+def _summed_gradients(
+    model: nn.Module,
+    x: Pairs | _LazyPairs,
+    batch: torch.Tensor,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+) -> float:
+    """This rank's share of a global batch, its gradient summed over the ranks; the loss.
+
+    Each rank takes a contiguous part of ``batch`` (the same on every rank) and back-propagates
+    its rows' negative log-likelihood divided by the size of the whole batch; summing these
+    gradients over the ranks gives, whatever the shares' sizes, the gradient of the batch's
+    mean loss, which the returned loss (summed too) is.
+    """
+    rank, world_size = rank_and_world_size()
+    share = batch.tensor_split(world_size)[rank]
+    optimizer.zero_grad(set_to_none=True)
+    if len(share):
+        loss = _batch_loss(model, x.take(share), total=len(batch))
+        loss.backward()
+        local = loss.detach().reshape(1)
+    else:  # fewer rows than ranks at the end of an epoch
+        local = params[0].new_zeros(1)
+    local = local.to(params[0].dtype)
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        groups.setdefault((p.dtype, p.device), []).append(p.grad)
+    groups[(local.dtype, local.device)].append(local)
+    for tensors in groups.values():  # one collective per dtype (one in all, as a rule)
+        all_reduce_sum(tensors)
+    return local.item()
+
+
+def _clipped_step(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], clip_grad_norm: float | None
+) -> float:
+    """The optimizer step on the clipped gradients; the norm (not finite: no step)."""
     max_norm = math.inf if clip_grad_norm is None else clip_grad_norm
     norm = float(nn.utils.clip_grad_norm_(params, max_norm))
     if math.isfinite(norm):
@@ -729,7 +1117,7 @@ def _validation_fraction(validation: Any) -> float | None:
     """Returns the held-out fraction (0 for none), or ``None`` for explicit rows."""
     if validation is None:
         return 0.0
-    if isinstance(validation, torch.Tensor | np.ndarray):
+    if isinstance(validation, torch.Tensor | np.ndarray | Dataset):
         return None
     if isinstance(validation, bool) or not isinstance(validation, numbers.Real):
         raise TypeError(
@@ -758,7 +1146,8 @@ def _as_rows(name: str, data: Any, dtype: torch.dtype) -> torch.Tensor:
     else:
         raise TypeError(
             f"`{name}` must be a torch.Tensor or numpy.ndarray, got {type(data).__name__} "
-            "(convert it with numpy.asarray)"
+            "(convert it with numpy.asarray; data larger than memory can be a memory-mapped "
+            "array or a torch.utils.data.Dataset)"
         )
     if x.dim() not in (1, 2):
         raise ValueError(f"`{name}` must have shape (N, D) or (N,), got {tuple(x.shape)}")
@@ -766,23 +1155,32 @@ def _as_rows(name: str, data: Any, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)})")
     bad = (~torch.isfinite(x).reshape(len(x), -1).all(-1)).nonzero().flatten()
     if len(bad):
-        first = int(bad[0])
-        row = source[first]
-        if isinstance(row, torch.Tensor):
-            finite = bool(torch.isfinite(row).all())
-        else:
-            finite = bool(np.isfinite(row).all())
-        hint = f"; its values overflow {dtype}" if finite else ""
-        raise ValueError(
-            f"`{name}` has {len(bad)} row(s) with NaN or infinite values (first: row {first}"
-            f"{hint}); remove or impute them"
-        )
+        raise ValueError(_non_finite_message(name, len(bad), int(bad[0]), source, dtype))
     return x
 
 
+def _non_finite_message(
+    name: str, count: int, first: int, source: torch.Tensor | np.ndarray, dtype: torch.dtype
+) -> str:
+    """Says how many rows are not finite in ``dtype`` and which is first (NaN or overflow)."""
+    row = source[first]
+    if isinstance(row, torch.Tensor):
+        finite = bool(torch.isfinite(row).all())
+    else:
+        finite = bool(np.isfinite(row).all())
+    hint = f"; its values overflow {dtype}" if finite else ""
+    return (
+        f"`{name}` has {count} row(s) with NaN or infinite values (first: row {first}"
+        f"{hint}); remove or impute them"
+    )
+
+
 def _match_event_shape(
-    dist: Any, x: Pairs, x_val: Pairs | None, probe_context: torch.Tensor | None
-) -> tuple[Pairs, Pairs | None]:
+    dist: Any,
+    x: Pairs | _LazyPairs,
+    x_val: Pairs | _LazyPairs | None,
+    probe_context: torch.Tensor | None,
+) -> tuple[Pairs | _LazyPairs, Pairs | _LazyPairs | None]:
     """Checks the model's distribution against the rows; swaps ``(N,)`` and ``(N, 1)`` rows.
 
     ``dist`` is ``model()``, or ``model(context)`` for the first context row (shape ``(1, C)``),
@@ -807,46 +1205,64 @@ def _match_event_shape(
         )
     event_shape = tuple(dist.event_shape)
 
-    def match(name: str, pairs: Pairs) -> Pairs:
-        rows = pairs.rows
-        row_shape = tuple(rows.shape[1:])
+    def match(name: str, pairs: Pairs | _LazyPairs) -> Pairs | _LazyPairs:
+        lazy = isinstance(pairs, _LazyPairs)
+        row_shape = pairs.row_shape if lazy else tuple(pairs.rows.shape[1:])
         if row_shape == event_shape:
             return pairs
-        if row_shape == () and event_shape == (1,):
-            return Pairs(rows.unsqueeze(-1), pairs.context)
-        if row_shape == (1,) and event_shape == ():
-            return Pairs(rows.squeeze(-1), pairs.context)
+        if (row_shape, event_shape) in (((), (1,)), ((1,), ())):
+            if lazy:  # reshaped as it is read
+                return dataclasses.replace(pairs, row_shape=event_shape)
+            return Pairs(pairs.rows.reshape(len(pairs), *event_shape), pairs.context)
         raise ValueError(
-            f"`{name}` has rows of shape {row_shape} (shape {tuple(rows.shape)}) but the "
-            f"model's distribution has event_shape {event_shape}"
+            f"`{name}` has rows of shape {row_shape} (shape {(len(pairs), *row_shape)}) but "
+            f"the model's distribution has event_shape {event_shape}"
         )
 
     return match("data", x), None if x_val is None else match("validation", x_val)
 
 
 def _shuffled_batches(
-    num_rows: int, batch_size: int, generator: torch.Generator, device: torch.device
+    num_rows: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype = torch.int64,
 ) -> Iterator[torch.Tensor]:
     """Yields index batches forever, one fresh permutation per epoch."""
     while True:
-        yield from torch.randperm(num_rows, generator=generator).to(device).split(batch_size)
+        order = torch.randperm(num_rows, generator=generator, dtype=dtype)
+        yield from order.to(device).split(batch_size)
 
 
 @torch.no_grad()
-def _mean_nll(model: nn.Module, pairs: Pairs, batch_size: int) -> float:
+def _mean_nll(model: nn.Module, pairs: Pairs | _LazyPairs, batch_size: int) -> float:
     """Mean negative log-likelihood of the rows in batches, in eval mode, summed in float64."""
     model.eval()
     try:
         total = 0.0
-        dist = None if pairs.context is not None else model()  # one distribution for all rows
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs.take(slice(start, start + batch_size))
+        # One distribution for all rows of an unconditional model.
+        dist = model() if not _is_conditional(pairs) else None
+        rank, world_size = rank_and_world_size()
+        first, last = len(pairs) * rank // world_size, len(pairs) * (rank + 1) // world_size
+        for start in range(first, last, batch_size):  # this rank's part of the rows
+            chunk = pairs.take(slice(start, min(last, start + batch_size)))
             current = dist if dist is not None else chunk.distribution(model)
             log_prob = current.log_prob(chunk.rows)
             total -= log_prob.sum().item()
     finally:
         model.train()
+    if world_size > 1:  # the sum over all ranks' rows, the same on every rank
+        summed = torch.tensor([total], dtype=torch.float64, device=_device(model))
+        all_reduce_sum([summed])
+        total = summed.item()
     return total / len(pairs)
+
+
+def _device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer), where collectives run."""
+    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def _copy_state(target: dict[str, Any], model: nn.Module) -> None:
