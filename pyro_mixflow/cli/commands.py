@@ -81,6 +81,7 @@ def run_fit(args: argparse.Namespace) -> int:
     from pyro_mixflow import fit
 
     kind = MODELS[args.model]
+    device = _device(args.device)
     mapped = args.data.suffix.lower() == ".npy"
     rows, columns = (map_rows(args.data), None) if mapped else read_rows(args.data)
     positions = context_positions(args.context_columns, rows.shape[1], columns)
@@ -168,11 +169,12 @@ def run_fit(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=args.threads or 1,
             progress=not args.no_progress,
+            device=device,
         )
     except RuntimeError as error:  # training diverged; fit's message says what to try
         raise CommandFailed(error) from None
     seconds = time.perf_counter() - start
-    model.eval()
+    model.cpu().eval()
     train_ll = _mean_log_prob(model, train)
     val_ll = None if val is None else _mean_log_prob(model, val)
     num_params = sum(p.numel() for p in model.parameters())
@@ -204,6 +206,23 @@ def run_fit(args: argparse.Namespace) -> int:
         f"{dim}{given}: {', '.join(results)} -> {args.out}"
     )
     return 0
+
+
+def _device(name: str | None) -> torch.device | None:
+    """The device of ``--device`` (``None`` when not given), or a ``ValueError`` saying why not."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"`--device {name}` is not a torch device (such as cpu, cuda, cuda:1 or mps)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`--device {name}`: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`--device {name}`: MPS is not available on this machine")
+    return device
 
 
 def run_score(args: argparse.Namespace) -> int:

@@ -220,6 +220,12 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("--seed", type=int, default=0, help="seed of everything random (0)")
     fit.add_argument("--threads", type=positive_int, metavar="T", help=THREADS_HELP)
+    fit.add_argument(
+        "--device",
+        metavar="DEV",
+        help="torch device to train on, such as cuda or cuda:1 (default: cpu); the model is "
+        "scored and saved on the CPU",
+    )
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fit.add_argument("--out", type=Path, required=True, metavar="MODEL", help="model file")
     fit.set_defaults(run=run_fit)
