@@ -82,6 +82,8 @@ def test_models_record_their_constructor_arguments():
     assert GMM(2, 3).init_arguments == {
         "input_dim": 2,
         "num_components": 3,
+        "covariance": "diag",
+        "rank": None,
         "estimator": "exact",
         "temperature": 0.5,
         "context_dim": None,

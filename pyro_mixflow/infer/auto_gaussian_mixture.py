@@ -1,4 +1,4 @@
-r"""A mixture of diagonal Gaussians as a Pyro autoguide, with a choice of gradient estimator."""
+r"""A Gaussian mixture as a Pyro autoguide: diagonal, full or low-rank components."""
 
 from __future__ import annotations
 
@@ -8,24 +8,34 @@ from typing import Any, Unpack
 import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroParam
-from torch.distributions import Normal
+from torch.distributions import Distribution, Normal
 
-from pyro_mixflow._estimators import check_estimator, estimator_mixture
-from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
+from pyro_mixflow._covariance import Covariance
+from pyro_mixflow._estimators import check_estimator
 from pyro_mixflow.infer._auto_mixture import AutoMixture, InitKwargs
 
 __all__ = ["AutoGaussianMixture"]
 
 
 class AutoGaussianMixture(AutoMixture):
-    r"""A guide that is a mixture of diagonal Gaussians over all unconstrained latents.
+    r"""A guide that is a mixture of Gaussians over all unconstrained latents.
 
-    .. math:: q(u) = \sum_{k=1}^K \pi_k\, \mathcal{N}(u; \mu_k, \operatorname{diag}\sigma_k^2),
-              \qquad x = T(u),
+    .. math:: q(u) = \sum_{k=1}^K \pi_k\, \mathcal{N}(u; \mu_k, \Sigma_k), \qquad x = T(u),
 
-    with :math:`T` the bijections to the model's latent supports (``biject_to``), as in
-    Pyro's :class:`~pyro.infer.autoguide.AutoDiagonalNormal`, of which this is the
-    ``K``-component generalization. How the weights :math:`\pi` get their gradient:
+    with :math:`T` the bijections to the model's latent supports (``biject_to``). With
+    ``covariance="diag"`` (default), :math:`\Sigma_k = \operatorname{diag}\sigma_k^2`: the
+    ``K``-component generalization of Pyro's :class:`~pyro.infer.autoguide.AutoDiagonalNormal`.
+    With ``"full"``, :math:`\Sigma_k = L_k L_k^\top`, :math:`L_k = \operatorname{diag}(\sigma_k)
+    U_k` with :math:`U_k` unit lower-triangular (parameter ``factor``: its strictly lower
+    entries), that of :class:`~pyro.infer.autoguide.AutoMultivariateNormal`; with
+    ``"lowrank"``, :math:`\Sigma_k = \operatorname{diag}(\sigma_k)(W_k W_k^\top + I)
+    \operatorname{diag}(\sigma_k)`, :math:`W_k \in \mathbb{R}^{D \times r}`, that of
+    :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`. Full and low-rank components
+    (:class:`~pyro_mixflow.MultivariateNormalMixture`,
+    :class:`~pyro_mixflow.LowRankMultivariateNormalMixture`) have exact draws with exact
+    pathwise gradients, so they take ``estimator="exact"`` only. For a correlated posterior
+    (regression coefficients), one full-covariance component does what many diagonal ones
+    tiling a tilted ellipse cannot. How the weights :math:`\pi` get their gradient:
 
     ========================  =====================================================  ==========
     how                        sampler and gradient                                   bias
@@ -55,7 +65,12 @@ class AutoGaussianMixture(AutoMixture):
     component would start with a tiny scale and no weight) are replaced by splitting the
     heaviest ones. Sites whose prior cannot be sampled (``ImproperUniform``) are drawn
     uniformly on ``(-2, 2)``. A prior-only model has :math:`\beta = 1` (EM on prior draws).
-    Initialization costs ``N`` runs of the model.
+    Initialization costs ``N`` runs of the model. The start is diagonal for every
+    ``covariance`` (:math:`U_k = I`; :math:`W_k` small random, entries
+    :math:`\mathcal{N}(0, 0.1^2/r)`, with :math:`\sigma_k` shrunk so that the marginal standard
+    deviations are the fit's): the ~``init_ess`` :math:`\cdot N` effective draws are too few to
+    estimate ``K`` full :math:`D \times D` covariances, and the gradient of the ELBO in the
+    off-diagonal entries does not vanish there (in :math:`W_k` it does at 0, hence small random).
 
     Why: components started over the prior must travel to a posterior much narrower than the
     prior, often along ridges where the likelihood is flat, while the first to arrive takes
@@ -75,6 +90,13 @@ class AutoGaussianMixture(AutoMixture):
     Args:
         model: A Pyro model with continuous latent sites.
         num_components: Number of components :math:`K`.
+        covariance: The components' covariance: ``"diag"`` (default), ``"full"`` or
+            ``"lowrank"`` (above). Full and low-rank components need ``estimator="exact"``.
+        rank: The rank :math:`r` of ``covariance="lowrank"``, at most the latent dimension
+            :math:`D` (checked at the first call); ``None`` (default) takes
+            :math:`\max(1, \operatorname{round}(\sqrt D))`, as Pyro's
+            ``AutoLowRankMultivariateNormal``. Passing it with another covariance is a
+            ``ValueError``.
         estimator: ``"exact"``, ``"gumbel_softmax"`` or ``"straight_through"`` (the table
             above).
         temperature: Temperature of the two relaxed estimators.
@@ -101,6 +123,7 @@ class AutoGaussianMixture(AutoMixture):
     Example:
         >>> import pyro, pyro.distributions as dist
         >>> from pyro.infer import SVI, Trace_ELBO
+        >>> from pyro_mixflow.infer import RaoBlackwellELBO
         >>> def model():
         ...     pyro.sample("scale", dist.LogNormal(0.0, 1.0))
         >>> guide = AutoGaussianMixture(model, num_components=3)
@@ -109,6 +132,16 @@ class AutoGaussianMixture(AutoMixture):
         True
         >>> guide.median()["scale"].shape
         torch.Size([])
+        >>> def model2():
+        ...     pyro.sample("x", dist.MultivariateNormal(torch.zeros(2),
+        ...                  torch.tensor([[1.0, 0.9], [0.9, 1.0]])))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoGaussianMixture(model2, num_components=2, covariance="full")
+        >>> svi = SVI(model2, guide, pyro.optim.Adam({"lr": 0.01}), RaoBlackwellELBO())
+        >>> isinstance(svi.step(), float)
+        True
+        >>> type(guide.get_posterior()).__name__
+        'MultivariateNormalMixture'
 
     References:
         Categorical Reparameterization with Gumbel-Softmax. E. Jang, S. Gu, B. Poole, 2017
@@ -121,26 +154,47 @@ class AutoGaussianMixture(AutoMixture):
         model: Callable[..., Any],
         num_components: int = 16,
         *,
+        covariance: str = "diag",
+        rank: int | None = None,
         estimator: str = "exact",
         temperature: float = 0.5,
         **init_options: Unpack[InitKwargs],
     ) -> None:
         self.estimator, self.temperature = check_estimator(estimator, temperature)
+        self._covariance = Covariance.of(covariance, rank, self.estimator)
+        self.covariance, self.rank = covariance, rank
         super().__init__(model, num_components, **init_options)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         self.logits = PyroParam(self._init_log_weights, constraints.real)
+        if self.covariance == "diag":
+            return
+        spec, dim = self._covariance, self.latent_dim
+        with torch.no_grad():
+            factor = spec.initial_factor(self.num_components, dim).to(self.locs)  # [K, F]
+            # keep the start's marginal standard deviations (low rank: W W^T adds to them)
+            inflation = spec.marginal_scales(torch.ones_like(self.scales), factor)
+            scales = self.scales / inflation
+        self.scales = PyroParam(scales, constraints.softplus_positive)
+        self.factor = PyroParam(factor, constraints.real)
 
-    def get_posterior(self, *args: Any, **kwargs: Any) -> DiagNormalMixture:
+    def get_posterior(self, *args: Any, **kwargs: Any) -> Distribution:
         """The mixture over the unconstrained latent vector (a fresh distribution)."""
-        return estimator_mixture(
-            self.locs, self.scales, self.logits, self.estimator, self.temperature
+        factor = None if self.covariance == "diag" else self.factor
+        return self._covariance.mixture(
+            self.locs, self.scales, self.logits, factor, self.estimator, self.temperature
         )
 
     def _marginal_quantiles(self, probs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Exact coordinate-wise quantiles of the mixture, by bisection on its CDF."""
-        locs, scales = self.locs.detach(), self.scales.detach()  # [K, D]
+        r"""Exact coordinate-wise quantiles of the mixture, by bisection on its CDF.
+
+        The marginal of coordinate :math:`d` is the 1-D mixture of
+        :math:`\mathcal{N}(\mu_{kd}, \Sigma_{k,dd})`, whatever the covariance.
+        """
+        factor = None if self.covariance == "diag" else self.factor.detach()
+        locs = self.locs.detach()  # [K, D]
+        scales = self._covariance.marginal_scales(self.scales.detach(), factor)  # [K, D]
         weights = self.logits.detach().softmax(-1).unsqueeze(-1)  # [K, 1]
         lower = (locs - 40 * scales).min(0).values.expand(len(probs), -1)  # [Q, D]
         upper = (locs + 40 * scales).max(0).values.expand(len(probs), -1)

@@ -12,7 +12,6 @@ from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import AffineTransform, Transform
 
-from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.distributions.mixture_base_flow import MixtureBaseFlow
 from pyro_mixflow.infer._auto_mixture import InitKwargs
 from pyro_mixflow.infer.auto_gaussian_mixture import AutoGaussianMixture
@@ -21,14 +20,15 @@ __all__ = ["AutoMixtureBaseFlow"]
 
 
 class AutoMixtureBaseFlow(AutoGaussianMixture):
-    r"""A guide that is a normalizing flow over a mixture of diagonal Gaussians.
+    r"""A guide that is a normalizing flow over a Gaussian mixture.
 
     .. math:: u = m + s \odot g(z), \quad z \sim \sum_k \pi_k \mathcal{N}(\mu_k,
-              \operatorname{diag} \sigma_k^2), \qquad
+              \Sigma_k), \qquad
               \log q(u) = \log q_0(z) - \log|\det J_g(z)| - \textstyle\sum_d \log s_d,
 
     then :math:`x = T(u)` onto the model's supports. The mixture base (set up and
-    reparameterized as in :class:`AutoGaussianMixture`, same ``estimator`` choices) places
+    reparameterized as in :class:`AutoGaussianMixture`, same ``covariance`` and ``estimator``
+    choices: :math:`\Sigma_k` diagonal, full or low-rank plus diagonal) places
     the modes; the flow bends each component, which a Gaussian mixture can only approximate
     with many components (funnels, curved ridges). Draws and their log-density come from one
     forward pass (:meth:`MixtureBaseFlow.rsample_and_log_prob`), so autoregressive flows are
@@ -49,6 +49,11 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
             elementwise ``spline`` for ``D = 1``.
         num_components: Number of base components (16 by default, as every mixture guide:
             see :class:`AutoGaussianMixture`).
+        covariance: The base components' covariance, ``"diag"`` (default), ``"full"`` or
+            ``"lowrank"``, as in :class:`AutoGaussianMixture` (full and low-rank need
+            ``estimator="exact"``).
+        rank: The rank of ``covariance="lowrank"`` (``None``: :math:`\max(1,
+            \operatorname{round}(\sqrt D))`), as in :class:`AutoGaussianMixture`.
         estimator: ``"exact"``, ``"gumbel_softmax"`` or ``"straight_through"``.
         temperature: Temperature of the relaxed estimators.
         **init_options: ``init_loc_fn``, ``init_scale``, ``init_spread``, ``init_ess`` and
@@ -64,6 +69,11 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
         >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
         >>> isinstance(svi.step(), float)
         True
+        >>> pyro.clear_param_store()
+        >>> guide = AutoMixtureBaseFlow(model, num_components=2, covariance="lowrank", rank=1)
+        >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        >>> isinstance(svi.step(), float)
+        True
     """
 
     def __init__(
@@ -72,6 +82,8 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
         init_transform_fn: Callable[[int], Transform | Sequence[Transform]] | None = None,
         num_components: int = 16,
         *,
+        covariance: str = "diag",
+        rank: int | None = None,
         estimator: str = "exact",
         temperature: float = 0.5,
         **init_options: Unpack[InitKwargs],
@@ -82,15 +94,24 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
             )
         self._init_transform_fn = init_transform_fn or _default_transforms
         super().__init__(
-            model, num_components, estimator=estimator, temperature=temperature, **init_options
+            model,
+            num_components,
+            covariance=covariance,
+            rank=rank,
+            estimator=estimator,
+            temperature=temperature,
+            **init_options,
         )
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         # The flow acts on standardized coordinates: the initial mixture's mean and standard
-        # deviation set a fixed affine map after it, and the base is expressed before it.
+        # deviation set a fixed affine map after it, and the base is expressed before it
+        # (dividing the scales sigma_k by the spread rescales L_k = diag(sigma_k) U_k and
+        # diag(sigma_k) W_k alike: the factor entries stay).
         with torch.no_grad():
-            start = DiagNormalMixture(self.locs, self.scales, self.logits)
+            factor = None if self.covariance == "diag" else self.factor
+            start = self._covariance.mixture(self.locs, self.scales, self.logits, factor)
             center, spread = start.mean, start.variance.clamp(min=1e-12).sqrt()
             locs, scales = (self.locs - center) / spread, self.scales / spread
         self.register_buffer("center", center)
