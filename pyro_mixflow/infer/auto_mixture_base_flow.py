@@ -2,6 +2,7 @@ r"""A normalizing flow over a Gaussian-mixture base as a Pyro autoguide."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Unpack
 
@@ -140,9 +141,22 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
 
 
 def _default_transforms(dim: int) -> Transform:
-    """One IAF (a spline in 1-D) that starts at the identity, so the guide starts as its base."""
+    """One IAF (a spline in 1-D) that starts at the identity, so the guide starts as its base.
+
+    Pyro draws a spline's bin widths, heights and knot derivatives at random: a random
+    monotone map, which can squeeze the mass of every component onto one side of the origin
+    (on the two-mode posterior of ``y ~ N(|theta|, 1)`` it put all draws on one mode before the
+    first step, for 3 seeds of 4). Equal bins and unit derivatives make it the identity on
+    ``[-bound, bound]`` (within about 1e-3 in the log-Jacobian: Pyro's minimum derivative).
+    """
     if dim == 1:
-        return T.spline(1)
+        spline = T.spline(1)
+        with torch.no_grad():
+            spline.unnormalized_widths.zero_()
+            spline.unnormalized_heights.zero_()
+            # derivative = min_derivative + softplus(u) with Pyro's min_derivative = 1e-3
+            spline.unnormalized_derivatives.fill_(math.log(math.expm1(1.0 - 1e-3)))
+        return spline
     iaf = T.affine_autoregressive(dim, hidden_dims=[3 * dim + 3])
     last = iaf.arn.layers[-1]
     nn.init.zeros_(last.weight)
