@@ -127,14 +127,102 @@ def test_log_prob_gradients_and_hessian_match_reference():
     torch.testing.assert_close(h_ours, h_ref)
 
 
-def test_log_prob_backward_twice_with_retained_graph():
-    """The first backward pass reuses a buffer in place; a second one must recompute it."""
+@pytest.mark.parametrize("cls", [MultivariateNormalMixture, LowRankMultivariateNormalMixture])
+def test_log_prob_backward_twice_with_retained_graph(cls):
+    """The backward pass recomputes its blocks: a second one must find what it needs."""
     locs = torch.randn(4, 3, dtype=F64, requires_grad=True)
-    d = MultivariateNormalMixture(locs, _random_tril(4, 3), torch.zeros(4, dtype=F64))
+    if cls is MultivariateNormalMixture:
+        d = cls(locs, _random_tril(4, 3), torch.zeros(4, dtype=F64))
+    else:
+        d = cls(
+            locs,
+            torch.randn(4, 3, 2, dtype=F64),
+            torch.rand(4, 3, dtype=F64) + 0.2,
+            torch.zeros(4, dtype=F64),
+        )
     out = d.log_prob(torch.randn(9, 3, dtype=F64)).sum()
     (first,) = torch.autograd.grad(out, locs, retain_graph=True)
     (second,) = torch.autograd.grad(out, locs)
     torch.testing.assert_close(first, second)
+
+
+def _low_rank_leaves(batch_shape, num_components, dim, rank, dtype=F64):
+    locs = torch.randn(*batch_shape, num_components, dim, dtype=dtype)
+    factor = torch.randn(*batch_shape, num_components, dim, rank, dtype=dtype)
+    diag = torch.rand(*batch_shape, num_components, dim, dtype=dtype) + 0.2
+    logits = torch.randn(*batch_shape, num_components, dtype=dtype)
+    return [t.requires_grad_() for t in (locs, factor, diag, logits)]
+
+
+def _log_prob_and_grads(cls, leaves, x):
+    out = cls(*leaves).log_prob(x)
+    return [out, *torch.autograd.grad(out.sum(), [*leaves, x])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("cls", [MultivariateNormalMixture, LowRankMultivariateNormalMixture])
+def test_log_prob_in_blocks_equals_log_prob_at_once(monkeypatch, cls, dtype):
+    """Blocks of a few points (a last, partial one too) give the values and gradients of one."""
+    from pyro_mixflow.distributions import _mvn_mixture
+
+    batch_shape = (2, 3)
+    if cls is MultivariateNormalMixture:
+        locs, tril, logits = _full_leaves(4, 5, batch_shape)
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (locs, tril, logits)]
+    else:
+        leaves = _low_rank_leaves(batch_shape, 4, 5, 2, dtype)
+    x = torch.randn(7, 2, *batch_shape, 5, dtype=dtype, requires_grad=True)
+    whole = _log_prob_and_grads(cls, leaves, x)
+    monkeypatch.setattr(_mvn_mixture, "_LOG_PROB_BLOCK_ELEMENTS", 3 * 6 * 4 * 5)  # 3 of 14
+    for a, b in zip(_log_prob_and_grads(cls, leaves, x), whole, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", [MultivariateNormalMixture, LowRankMultivariateNormalMixture])
+def test_log_prob_never_holds_a_points_by_components_by_dimensions_tensor(monkeypatch, cls):
+    """Forward and backward: no tensor larger than a block or an ``N x K`` / ``N x D`` one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pyro_mixflow.distributions import _mvn_mixture
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    budget, num_points, num_components, dim = 1024, 512, 8, 16
+    monkeypatch.setattr(_mvn_mixture, "_LOG_PROB_BLOCK_ELEMENTS", budget)
+    if cls is MultivariateNormalMixture:
+        leaves = list(_full_leaves(num_components, dim))
+    else:
+        leaves = _low_rank_leaves((), num_components, dim, 3)
+    x = torch.randn(num_points, dim, dtype=F64, requires_grad=True)
+    with LargestTensor() as mode:
+        cls(*leaves).log_prob(x).sum().backward()
+    limit = max(budget, num_points * (dim + 1), num_points * num_components)
+    assert mode.largest <= limit < num_points * num_components * dim
+
+
+def test_blocked_half_squares_are_twice_differentiable(monkeypatch):
+    from pyro_mixflow.distributions import _mvn_mixture
+
+    monkeypatch.setattr(_mvn_mixture, "_LOG_PROB_BLOCK_ELEMENTS", 2 * 3 * 2 * 2)
+    x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
+    weight = torch.randn(2, 3, 2, 3, dtype=F64, requires_grad=True)
+    shift = torch.randn(2, 3, 2, dtype=F64, requires_grad=True)
+    locs = torch.randn(2, 3, 3, dtype=F64, requires_grad=True)
+    precision = (torch.rand(2, 3, 3, dtype=F64) + 0.5).requires_grad_()
+    for fn, args in [
+        (_mvn_mixture.whitened_half_square, (x, weight, shift)),
+        (_mvn_mixture.diagonal_half_square, (x, locs, precision)),
+    ]:
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
 
 
 def test_log_responsibilities_match_bayes_rule():

@@ -21,6 +21,7 @@ from pyro_mixflow.distributions._common import (
 __all__ = [
     "check_mixture_weights",
     "component_matvec",
+    "diagonal_half_square",
     "implicit_mvn_mixture_rsample",
     "mixture_covariance",
     "mvn_mixture_sample",
@@ -36,6 +37,10 @@ _Dist = TypeVar("_Dist", bound=torch.distributions.Distribution)
 # Largest number of (sample, component, dimension) elements held at once in the backward pass;
 # larger problems are processed in blocks of samples.
 _BLOCK_ELEMENTS = 2**24
+
+# Largest number of (point, component, row) residuals held at once by ``whitened_half_square``
+# (forward and backward): about the L2 cache, so that a block is squared while still there.
+_LOG_PROB_BLOCK_ELEMENTS = 2**18
 
 
 def check_mixture_weights(
@@ -175,15 +180,17 @@ def mixture_covariance(
 def whitened_half_square(
     x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
-    r"""``0.5 * ||weight_k @ x - shift_k||^2`` for every point and component, by one product.
+    r"""``0.5 * ||weight_k @ x - shift_k||^2`` for every point and component, in blocks of points.
 
     .. math:: q_k(x) = \tfrac12 \|W_k x - c_k\|^2
 
     ``x`` has shape ``(*S, *B, D)``, ``weight`` ``(*B, K, M, D)`` and ``shift`` ``(*B, K, M)``;
-    the result is ``(*S, *B, K)``. The residuals of all components come from one batched matrix
-    product :math:`(K M, D + 1) \times (D + 1, N)` (the shift as a last column) and are the only
-    ``K x M x N`` tensor kept for the backward pass, which is two more products, each with a
-    long inner dimension. Twice differentiable.
+    the result is ``(*S, *B, K)``. The residuals of a block of ``n`` points come from one
+    batched matrix product :math:`(K M, D + 1) \times (D + 1, n)` (the shift as a last column),
+    with ``n`` sized so that a block holds at most ``_LOG_PROB_BLOCK_ELEMENTS`` residuals, and are
+    dropped once squared; the backward pass recomputes them block by block (two more products
+    per block). No ``N x K x M`` tensor is ever held: the memory is that of the inputs, the
+    ``N x K`` result and one block. Twice differentiable.
     """
     batch_shape = weight.shape[:-3]
     num_components, rows, dim = weight.shape[-3:]
@@ -193,49 +200,170 @@ def whitened_half_square(
     points = x.reshape(-1, num_batch, dim).permute(1, 2, 0)  # [B, D, N]
     points = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)  # [B, D + 1, N]
     affine = torch.cat([weight, -shift.unsqueeze(-1)], dim=-1)  # [*B, K, M, D + 1]
-    out = _WhitenedHalfSquare.apply(
-        points, affine.reshape(num_batch, num_components * rows, dim + 1), num_components
-    )  # [B, K, N]
+    affine = affine.reshape(num_batch, num_components * rows, dim + 1)
+    block = max(1, _LOG_PROB_BLOCK_ELEMENTS // (num_batch * num_components * rows))
+    out = _WhitenedHalfSquare.apply(points, affine, num_components, block)  # [B, K, N]
     return out.permute(2, 0, 1).reshape(sample_shape + batch_shape + (num_components,))
 
 
 class _WhitenedHalfSquare(torch.autograd.Function):
+    """``0.5 * ||A_k p_n||^2``, ``[B, K, N]``, block by block of ``block`` points.
+
+    ``points`` is ``[B, D + 1, N]`` and ``affine`` ``[B, K * M, D + 1]``. Only the inputs are
+    saved: a second backward pass (``retain_graph=True``) needs nothing more.
+    """
+
     @staticmethod
     def forward(
-        ctx: Any, points: torch.Tensor, affine: torch.Tensor, num_components: int
+        ctx: Any, points: torch.Tensor, affine: torch.Tensor, num_components: int, block: int
     ) -> torch.Tensor:
-        residual = torch.bmm(affine, points)  # [B, K * M, N]
         ctx.save_for_backward(points, affine)
-        # An intermediate kept on ctx: the first backward pass turns it into its own gradient
-        # in place (the one K x M x N buffer of the whole pass); any later one recomputes it.
-        ctx.residual = residual
-        ctx.num_components = num_components
-        flat = residual.unflatten(1, (num_components, -1))  # [B, K, M, N]
-        # Summed row by row: no second K x M x N tensor, and faster than a strided reduction.
-        out = flat[:, :, 0].square()  # [B, K, N]
-        for row in range(1, flat.shape[2]):
-            out.addcmul_(flat[:, :, row], flat[:, :, row])
+        ctx.num_components, ctx.block = num_components, block
+        num_batch, num_points = points.shape[0], points.shape[-1]
+        out = points.new_empty(num_batch, num_components, num_points)  # [B, K, N]
+        buffer = _BlockBuffer(affine, num_points, block)
+        for start in range(0, num_points, block):
+            residual = buffer.residual(affine, points[..., start : start + block])  # [B, K*M, n]
+            # A sum over the middle axis: vectorized along the points, fast for any M.
+            squares = residual.unflatten(1, (num_components, -1)).square_()  # [B, K, M, n]
+            torch.sum(squares, 2, out=out[..., start : start + block])
         return out.mul_(0.5)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         points, affine = ctx.saved_tensors
-        residual, ctx.residual = ctx.residual, None
-        shape = (grad.shape[0], ctx.num_components, -1, grad.shape[-1])
-        if torch.is_grad_enabled():  # differentiating the backward itself: recompute with a graph
-            grad_res = torch.bmm(affine, points).view(shape) * grad.unsqueeze(2)
-        else:
-            if residual is None:  # a second backward pass (retain_graph=True)
-                residual = torch.bmm(affine, points)
-            # d q_k / d residual_k = residual_k
-            grad_res = residual.view(shape).mul_(grad.unsqueeze(2))
-        grad_res = grad_res.flatten(1, 2)  # [B, K * M, N]
         need_points, need_affine = ctx.needs_input_grad[:2]
-        return (
-            affine.mT @ grad_res if need_points else None,
-            grad_res @ points.mT if need_affine else None,
-            None,
-        )
+        shape = (grad.shape[0], ctx.num_components, -1, grad.shape[-1])
+        if torch.is_grad_enabled():  # differentiating the backward itself: at once, with a graph
+            # d q_k / d residual_k = residual_k
+            grad_res = (torch.bmm(affine, points).view(shape) * grad.unsqueeze(2)).flatten(1, 2)
+            return (
+                affine.mT @ grad_res if need_points else None,
+                grad_res @ points.mT if need_affine else None,
+                None,
+                None,
+            )
+        grad_points = torch.empty_like(points) if need_points else None
+        grad_affine = torch.zeros_like(affine) if need_affine else None
+        buffer = _BlockBuffer(affine, points.shape[-1], ctx.block)
+        for start in range(0, points.shape[-1], ctx.block):
+            stop = start + ctx.block
+            block_points = points[..., start:stop]  # [B, D + 1, n]
+            grad_res = buffer.residual(affine, block_points).unflatten(1, (ctx.num_components, -1))
+            grad_res = grad_res.mul_(grad[..., start:stop].unsqueeze(2)).flatten(1, 2)
+            if grad_points is not None:
+                torch.bmm(affine.mT, grad_res, out=grad_points[..., start:stop])
+            if grad_affine is not None:
+                grad_affine.baddbmm_(grad_res, block_points.mT)
+        return grad_points, grad_affine, None, None
+
+
+def diagonal_half_square(
+    x: torch.Tensor, locs: torch.Tensor, precision: torch.Tensor
+) -> torch.Tensor:
+    r"""``0.5 * sum_d precision_kd (x_d - locs_kd)^2`` for every point and component, in blocks.
+
+    .. math:: q_k(x) = \tfrac12 \sum_d p_{kd} (x_d - \mu_{kd})^2
+
+    ``x`` has shape ``(*S, *B, D)``, ``locs`` and ``precision`` ``(*B, K, D)``; the result is
+    ``(*S, *B, K)``. The differences are formed directly (no expansion, so no cancellation far
+    from the components) for a block of points at a time, at most ``_LOG_PROB_BLOCK_ELEMENTS``
+    of them, and recomputed by the backward pass: no ``N x K x D`` tensor is ever held. Twice
+    differentiable.
+    """
+    batch_shape = locs.shape[:-2]
+    num_components, dim = locs.shape[-2:]
+    num_batch = math.prod(batch_shape)
+    x = x.expand(x.shape[: x.dim() - len(batch_shape) - 1] + batch_shape + (dim,))
+    sample_shape = x.shape[: x.dim() - len(batch_shape) - 1]
+    points = x.reshape(-1, num_batch, dim).permute(1, 2, 0)  # [B, D, N]
+    flat_locs = locs.reshape(num_batch, num_components, dim)
+    flat_precision = precision.reshape(num_batch, num_components, dim)
+    block = max(1, _LOG_PROB_BLOCK_ELEMENTS // (num_batch * num_components * dim))
+    out = _DiagonalHalfSquare.apply(points, flat_locs, flat_precision, block)  # [B, K, N]
+    return out.permute(2, 0, 1).reshape(sample_shape + batch_shape + (num_components,))
+
+
+class _DiagonalHalfSquare(torch.autograd.Function):
+    """``0.5 * sum_d p_kd (x_dn - mu_kd)^2``, ``[B, K, N]``, block by block of ``block`` points.
+
+    ``points`` is ``[B, D, N]``, ``locs`` and ``precision`` ``[B, K, D]``. Only the inputs are
+    saved; each block's differences ``[B, K, D, n]`` live in one reused buffer.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, points: torch.Tensor, locs: torch.Tensor, precision: torch.Tensor, block: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(points, locs, precision)
+        ctx.block = block
+        num_points = points.shape[-1]
+        out = points.new_empty(locs.shape[:2] + (num_points,))  # [B, K, N]
+        buffer = _DifferenceBuffer(locs, num_points, block)
+        for start in range(0, num_points, block):
+            diff = buffer.difference(points[..., start : start + block], locs)  # [B, K, D, n]
+            squares = diff.square_().mul_(precision.unsqueeze(-1))
+            torch.sum(squares, 2, out=out[..., start : start + block])
+        return out.mul_(0.5)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        points, locs, precision = ctx.saved_tensors
+        need_points, need_locs, need_precision = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # differentiating the backward itself: at once, with a graph
+            diff = points.unsqueeze(1) - locs.unsqueeze(-1)  # [B, K, D, N]
+            weighted = diff * grad.unsqueeze(2)  # g (x - mu)
+            slope = weighted * precision.unsqueeze(-1)  # g p (x - mu)
+            return (
+                slope.sum(1) if need_points else None,
+                -slope.sum(-1) if need_locs else None,
+                0.5 * (weighted * diff).sum(-1) if need_precision else None,
+                None,
+            )
+        grad_points = torch.empty_like(points) if need_points else None
+        grad_locs = torch.zeros_like(locs) if need_locs else None
+        grad_precision = torch.zeros_like(locs) if need_precision else None
+        buffer = _DifferenceBuffer(locs, points.shape[-1], ctx.block)
+        scratch = torch.empty_like(buffer.storage)
+        for start in range(0, points.shape[-1], ctx.block):
+            stop = start + ctx.block
+            diff = buffer.difference(points[..., start:stop], locs)  # [B, K, D, n]
+            weighted = scratch[: diff.numel()].view(diff.shape)
+            torch.mul(diff, grad[..., start:stop].unsqueeze(2), out=weighted)  # g (x - mu)
+            if grad_precision is not None:
+                grad_precision += diff.mul_(weighted).sum(-1).mul_(0.5)  # [B, K, D]
+            slope = weighted.mul_(precision.unsqueeze(-1))  # g p (x - mu)
+            if grad_points is not None:
+                torch.sum(slope, 1, out=grad_points[..., start:stop])
+            if grad_locs is not None:
+                grad_locs -= slope.sum(-1)
+        return grad_points, grad_locs, grad_precision, None
+
+
+class _DifferenceBuffer:
+    """One block's differences ``x - mu``, allocated once and reused by every block."""
+
+    def __init__(self, locs: torch.Tensor, num_points: int, block: int) -> None:
+        self.storage = locs.new_empty(locs.numel() * min(block, num_points))
+
+    def difference(self, block_points: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
+        """``block_points - locs`` per component, ``[B, K, D, n]``, written into the buffer."""
+        shape = locs.shape + block_points.shape[-1:]
+        out = self.storage[: math.prod(shape)].view(shape)
+        return torch.sub(block_points.unsqueeze(1), locs.unsqueeze(-1), out=out)
+
+
+class _BlockBuffer:
+    """One block's residuals, allocated once and reused by every block of a pass."""
+
+    def __init__(self, affine: torch.Tensor, num_points: int, block: int) -> None:
+        self.storage = affine.new_empty(affine.shape[0] * affine.shape[1] * min(block, num_points))
+
+    def residual(self, affine: torch.Tensor, block_points: torch.Tensor) -> torch.Tensor:
+        """``affine @ block_points``, ``[B, K * M, n]``, written into the buffer."""
+        shape = (affine.shape[0], affine.shape[1], block_points.shape[-1])
+        out = self.storage[: math.prod(shape)].view(shape)
+        return torch.bmm(affine, block_points, out=out)
 
 
 def implicit_mvn_mixture_rsample(

@@ -18,6 +18,7 @@ from pyro_mixflow.distributions._common import (
 from pyro_mixflow.distributions._mvn_mixture import (
     check_mixture_weights,
     component_matvec,
+    diagonal_half_square,
     implicit_mvn_mixture_rsample,
     mixture_covariance,
     promoted,
@@ -46,7 +47,9 @@ class LowRankMultivariateNormalMixture(NoClosedFormMixin, TorchDistribution):
               - \|M_k^{-1} W_k^\top D_k^{-1} (x - \mu_k)\|^2, \qquad
               \log|\Sigma_k| = 2 \log|M_k| + \textstyle\sum_d \log d_{kd},
 
-    memory :math:`O(NK(D + r))`, no :math:`D \times D` matrix. ``sample`` draws
+    both terms computed directly (no expansion), block by block of points, and recomputed by the
+    backward pass: memory :math:`O(N(K + D))` plus one block, never an
+    :math:`N \times K \times D` tensor nor a :math:`D \times D` matrix. ``sample`` draws
     :math:`\mu_k + W_k \eta + d_k^{1/2} \odot \varepsilon`. ``rsample`` returns the same exact
     draws with the exact pathwise gradient of
     :class:`~pyro_mixflow.MultivariateNormalMixture`, through the Cholesky factors of the
@@ -369,11 +372,12 @@ class LowRankMultivariateNormalMixture(NoClosedFormMixin, TorchDistribution):
         eye = torch.eye(rank, dtype=factor.dtype, device=factor.device)
         capacitance_tril = torch.linalg.cholesky(eye + scaled_t @ factor)  # [*B, K, r, r]
         project = torch.linalg.solve_triangular(capacitance_tril, scaled_t, upper=False)
-        centre = self.locs.mean(-2, keepdim=True)  # [*B, 1, D]
+        # Any fixed point serves (the density does not depend on it): detached, so that the
+        # points need no gradient unless `value` has one.
+        centre = self.locs.mean(-2, keepdim=True).detach()  # [*B, 1, D]
         shift = (project @ (self.locs - centre).unsqueeze(-1)).squeeze(-1)  # [*B, K, r]
         low_rank = whitened_half_square(x - centre.squeeze(-2), project, shift)  # [*S, *B, K]
-        scaled = (x.unsqueeze(-2) - self.locs) * diag.rsqrt()  # [*S, *B, K, D]
-        diagonal = 0.5 * torch.linalg.vecdot(scaled, scaled)  # [*S, *B, K]
+        diagonal = diagonal_half_square(x, self.locs, diag.reciprocal())  # [*S, *B, K]
         log_capacitance = capacitance_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [*B, K]
         half_log_det = log_capacitance + 0.5 * diag.log().sum(-1)  # [*B, K]
         constant = self.logits - half_log_det - self.event_shape[0] * HALF_LOG_2PI

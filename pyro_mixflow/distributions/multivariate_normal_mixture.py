@@ -46,11 +46,11 @@ class MultivariateNormalMixture(NoClosedFormMixin, TorchDistribution):
     the mixture's own covariance, as for any distribution.
 
     ``log_prob`` whitens every point against every component, :math:`\varepsilon_k =
-    L_k^{-1}(x - \mu_k)`, in one matrix product :math:`(K D, D) \times (D, N)` with the
-    :math:`K` inverse factors computed once: memory :math:`O(NKD)` (the residuals, reused in
-    place by the backward pass), never an :math:`N \times K \times D \times D` tensor. The
-    components are combined with ``logsumexp``: points far from all of them keep finite
-    log-densities.
+    L_k^{-1}(x - \mu_k)`, by matrix products :math:`(K D, D) \times (D, n)` over blocks of
+    :math:`n` points with the :math:`K` inverse factors computed once; each block's residuals
+    are squared and dropped, and recomputed by the backward pass: memory :math:`O(N(K + D))`
+    plus one block, never an :math:`N \times K \times D` tensor. The components are combined
+    with ``logsumexp``: points far from all of them keep finite log-densities.
 
     ``sample`` draws a component, then :math:`\mu_k + L_k \varepsilon`. ``rsample`` returns the
     same exact draws with an exact (unbiased) pathwise gradient: responsibilities carry it to
@@ -372,7 +372,7 @@ class MultivariateNormalMixture(NoClosedFormMixin, TorchDistribution):
         return (w * (self.scale_tril.square().sum(-1) + centred.square())).sum(-2)
 
     def _log_joint(self, x: torch.Tensor) -> torch.Tensor:
-        """``log pi_k + log N(x; mu_k, Sigma_k)``, ``[*S, *B, K]``, by one whitening product.
+        """``log pi_k + log N(x; mu_k, Sigma_k)``, ``[*S, *B, K]``, by blocked whitening products.
 
         Points and means are taken relative to the means' average, which removes the
         cancellation between large whitened points and whitened means.
@@ -380,7 +380,9 @@ class MultivariateNormalMixture(NoClosedFormMixin, TorchDistribution):
         dim = self.event_shape[0]
         tril = self.scale_tril
         inverse = _inverse_tril(tril)  # [*B, K, D, D]
-        centre = self.locs.mean(-2, keepdim=True)  # [*B, 1, D]
+        # Any fixed point serves (the density does not depend on it): detached, so that the
+        # points need no gradient unless `value` has one.
+        centre = self.locs.mean(-2, keepdim=True).detach()  # [*B, 1, D]
         shift = (inverse @ (self.locs - centre).unsqueeze(-1)).squeeze(-1)  # [*B, K, D]
         half_square = whitened_half_square(x - centre.squeeze(-2), inverse, shift)  # [*S, *B, K]
         half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [*B, K]
