@@ -10,9 +10,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.distributions import constraints
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
-from pyro.infer.autoguide.initialization import init_to_mean, init_to_median
+from pyro.infer.autoguide.initialization import init_to_mean
 from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_mixflow import DiagNormalMixture
@@ -28,6 +29,7 @@ from pyro_mixflow.infer._auto_mixture import (
     _fit_without_stragglers,
     _tempered_start,
     _tempering_power,
+    init_to_median_or_origin,
 )
 from tests.conftest import Z_THRESHOLD
 
@@ -450,10 +452,10 @@ def test_mixture_guide_defaults_are_the_documented_ones(cls):
     assert inspect.signature(cls).parameters["num_components"].default == 16
     guide = cls(plated_model)
     assert guide._init_options == InitOptions()
-    assert InitOptions() == InitOptions(init_to_median, None, 1.0, 0.1, 10000)
+    assert InitOptions() == InitOptions(init_to_median_or_origin, None, 1.0, 0.1, 10000)
     documented = inspect.getdoc(AutoGaussianMixture)
     for field, default in [
-        ("init_loc_fn", "init_to_median"),
+        ("init_loc_fn", "init_to_median_or_origin"),
         ("init_scale", "None"),
         ("init_spread", "1.0"),
         ("init_ess", "0.1"),
@@ -519,3 +521,46 @@ def test_mixture_base_flow_starts_as_its_base_in_one_dimension(seed):
         # within Pyro's minimum spline derivative (1e-3 in the log-Jacobian), and float32
         # rounding of the far tails' large log-densities
         torch.testing.assert_close(posterior.log_prob(u), expected, atol=2e-3, rtol=2e-4)
+
+
+FOUR_MODES = torch.tensor([[4.0, 4.0], [-4.0, 4.0], [-4.0, -4.0], [4.0, -4.0]])
+
+
+def _flat_prior_four_modes():
+    """The four-mode target of benchmarks/svi.py with an improper flat prior."""
+    target = DiagNormalMixture(
+        FOUR_MODES, torch.full((4, 2), 0.7), probs=torch.tensor([0.4, 0.3, 0.2, 0.1])
+    )
+    x = pyro.sample("x", dist.ImproperUniform(constraints.real, (), (2,)))
+    pyro.factor("target", target.log_prob(x))
+
+
+def test_flat_prior_start_has_a_component_at_every_mode():
+    """Without prior draws the start explores the unnormalized target from a broad reference:
+    every mode of the flat-prior target gets a component (the old uniform draws on (-2, 2)
+    never reached them, and Pyro's init functions raise on ImproperUniform)."""
+    pyro.set_rng_seed(0)
+    guide = AutoGaussianMixture(_flat_prior_four_modes, num_components=8)
+    guide()
+    locs = guide.locs.detach()
+    nearest = torch.cdist(FOUR_MODES, locs).min(-1).values  # [4]
+    # a quarter of the distance between modes (uniform draws on (-2, 2) put the nearest at 2.8)
+    assert (nearest < 2.0).all(), nearest
+
+
+@pytest.mark.slow
+def test_flat_prior_four_modes_end_at_the_right_shares():
+    """Issue target: every mode's share within 0.05 and |log Z error| < 0.05 (3 seeds)."""
+    from pyro_mixflow.diagnostics import importance_diagnostics, mode_shares
+
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        pyro.clear_param_store()
+        guide = AutoGaussianMixture(_flat_prior_four_modes, num_components=8)
+        svi = SVI(_flat_prior_four_modes, guide, pyro.optim.Adam({"lr": 5e-3}), RaoBlackwellELBO())
+        for _ in range(3000):
+            svi.step()
+        shares = mode_shares(_flat_prior_four_modes, guide, modes=FOUR_MODES, num_samples=4000)
+        assert (shares.shares - torch.tensor([0.4, 0.3, 0.2, 0.1])).abs().max() < 0.05, seed
+        report = importance_diagnostics(_flat_prior_four_modes, guide, num_samples=3000)
+        assert abs(report.log_evidence) < 0.05, seed

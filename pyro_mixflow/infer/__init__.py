@@ -1,5 +1,6 @@
 r"""Pyro inference with mixture guides: autoguides and a Rao-Blackwellized ELBO."""
 
+from pyro_mixflow.infer._auto_mixture import init_to_median_or_origin
 from pyro_mixflow.infer.auto_classifier_weighted_mixture import AutoClassifierWeightedMixture
 from pyro_mixflow.infer.auto_gaussian_mixture import AutoGaussianMixture
 from pyro_mixflow.infer.auto_mixture_base_flow import AutoMixtureBaseFlow
@@ -14,4 +15,5 @@ __all__ = [
     "AutoNormalMixture",
     "AutoRADFlow",
     "RaoBlackwellELBO",
+    "init_to_median_or_origin",
 ]

@@ -11,7 +11,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_median, init_to_uniform
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.nn import PyroParam
 from torch.distributions import biject_to
 
@@ -19,10 +19,38 @@ from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 from pyro_mixflow.fitting.em import em_diagonal
 
-__all__ = ["AutoMixture", "InitKwargs", "InitOptions", "QuantilesFromDraws", "prior_draws"]
+__all__ = [
+    "AutoMixture",
+    "InitKwargs",
+    "InitOptions",
+    "QuantilesFromDraws",
+    "init_to_median_or_origin",
+    "prior_draws",
+]
 
 _MIN_INIT_DRAWS = 1000
 _MIN_DISTINCT = 5  # distinct draws an initial component needs
+# Scales of the broad reference that replaces an improper prior's draws (unconstrained units).
+_REFERENCE_SCALES = (0.25, 1.0, 4.0, 16.0, 64.0)
+
+
+def init_to_median_or_origin(site: dict) -> torch.Tensor:
+    """Pyro's ``init_to_median``, or the origin of unconstrained space for a site whose prior
+    cannot be sampled (``ImproperUniform``), where Pyro's ``init_to_*`` functions all raise.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from pyro.distributions import constraints
+        >>> flat = dist.ImproperUniform(constraints.positive, (), (2,))
+        >>> init_to_median_or_origin({"fn": flat, "name": "x", "is_observed": False})
+        tensor([1., 1.])
+    """  # noqa: D205
+    try:
+        return init_to_median(site)
+    except NotImplementedError:
+        transform = biject_to(site["fn"].support)
+        shape = transform.inverse_shape(site["fn"].shape())
+        return transform(torch.zeros(shape))
 
 
 class InitKwargs(TypedDict, total=False):
@@ -44,7 +72,7 @@ class InitOptions:
     ``quantile_samples`` only.
     """
 
-    init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median
+    init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median_or_origin
     init_scale: float | None = None
     init_spread: float = 1.0
     init_ess: float = 0.1
@@ -175,8 +203,8 @@ def _is_number(value: object) -> bool:
 def prior_draws(guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict) -> torch.Tensor:
     """Draws of the model's latents from the prior, as unconstrained vectors ``(N, D)``.
 
-    Sites whose prior cannot be sampled (``ImproperUniform``) get a uniform draw on
-    ``(-2, 2)`` in unconstrained space, as Pyro's ``init_to_uniform`` does.
+    Sites whose prior cannot be sampled (``ImproperUniform``) are drawn from the broad
+    reference of :func:`_prior_draws_and_log_likelihoods`.
     """
     return _prior_draws_and_log_likelihoods(guide, num_draws, args, kwargs)[0]
 
@@ -184,30 +212,75 @@ def prior_draws(guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict
 def _prior_draws_and_log_likelihoods(
     guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Prior draws ``(N, D)`` (as :func:`prior_draws`) and their log-likelihoods ``(N,)``.
+    r"""Prior draws ``(N, D)`` (unconstrained) and their log importance weights ``(N,)``.
 
-    The log-likelihood of a draw is the summed log-probability of the model's sites that
-    are not latent: observed sites and ``pyro.factor`` terms (scaled by their plates'
-    subsampling, as in the ELBO). NaN counts as :math:`-\infty`.
+    For a proper prior the weight of a draw is its log-likelihood: the summed log-probability
+    of the model's sites that are not latent (observed sites and ``pyro.factor`` terms, scaled
+    by their plates' subsampling, as in the ELBO). NaN counts as :math:`-\infty`.
+
+    Sites whose prior cannot be sampled (an improper ``ImproperUniform``, the whole target in
+    a ``pyro.factor``) have no prior draws to start from. Their unconstrained coordinates
+    :math:`v` are drawn from a broad reference instead, a scale mixture of centred Gaussians
+    :math:`r(v) = \frac1L \sum_{l} \mathcal N(v; 0, s_l^2 I)` with scales
+    :math:`s_l \in \{1/4, 1, 4, 16, 64\}` (draw :math:`i` uses :math:`s_{i \bmod L}`), and
+    the weight also gets their own log-density, the log-Jacobian of the map to their support
+    and :math:`-\log r(v)`: the draws are then importance draws of the unnormalized target,
+    whatever its scale between about 0.1 and 100 units from the origin. Cost: the same ``N``
+    model runs.
     """
-    init = InitMessenger(_init_to_sample_or_uniform)(guide._raw_model[0])
     latent = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
-    draws, log_likelihoods = [], []
-    for _ in range(num_draws):
+    improper: dict[str, torch.Tensor] = {}  # unconstrained reference draws of the current run
+    scale = torch.ones(())
+
+    def init(site: dict) -> torch.Tensor:
+        try:
+            return site["fn"].sample().detach()
+        except NotImplementedError:
+            transform = biject_to(site["fn"].support)
+            prototype = guide.prototype_trace.nodes[site["name"]]["value"]
+            shape = transform.inverse_shape(prototype.shape)
+            improper[site["name"]] = scale * torch.randn(shape, dtype=prototype.dtype)
+            return transform(improper[site["name"]])
+
+    model = InitMessenger(init)(guide._raw_model[0])
+    draws, log_weights = [], []
+    for i in range(num_draws):
+        improper.clear()
+        scale = torch.tensor(_REFERENCE_SCALES[i % len(_REFERENCE_SCALES)], dtype=torch.float64)
         with poutine.block(), torch.no_grad():
-            trace = poutine.trace(init).get_trace(*args, **kwargs)
-            trace.compute_log_prob(site_filter=lambda name, site: name not in latent)
-        parts, log_likelihood = [], torch.zeros((), dtype=torch.float64)
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+            trace.compute_log_prob(
+                site_filter=lambda name, site: name not in latent or name in improper
+            )
+        log_weight = torch.zeros((), dtype=torch.float64)
         for name, site in trace.nodes.items():
-            if site["type"] != "sample" or name in latent:
-                continue
-            log_likelihood = log_likelihood + site["log_prob_sum"].double()
+            if site["type"] == "sample" and (name not in latent or name in improper):
+                log_weight = log_weight + site["log_prob_sum"].double()
+        parts = []
         for name, site in guide.prototype_trace.iter_stochastic_nodes():
             value = trace.nodes[name]["value"].detach()
-            parts.append(biject_to(site["fn"].support).inv(value).reshape(-1))
+            transform = biject_to(site["fn"].support)
+            unconstrained = transform.inv(value)
+            parts.append(unconstrained.reshape(-1))
+            if name in improper:
+                jacobian = transform.log_abs_det_jacobian(unconstrained, value)
+                log_weight = log_weight + jacobian.sum().double()
+        if improper:
+            log_weight = log_weight - _reference_log_density(
+                torch.cat([v.reshape(-1) for v in improper.values()]).double()
+            )
         draws.append(torch.cat(parts))
-        log_likelihoods.append(log_likelihood.nan_to_num(nan=-math.inf))
-    return torch.stack(draws), torch.stack(log_likelihoods)
+        log_weights.append(log_weight.nan_to_num(nan=-math.inf))
+    return torch.stack(draws), torch.stack(log_weights)
+
+
+def _reference_log_density(v: torch.Tensor) -> torch.Tensor:
+    """``log r(v)`` of the reference scale mixture for the improper coordinates ``v``."""
+    scales = torch.tensor(_REFERENCE_SCALES, dtype=v.dtype)  # [L]
+    log_normal = -0.5 * (v.square().sum() / scales.square()) - len(v) * (
+        scales.log() + 0.5 * math.log(2 * math.pi)
+    )  # [L]
+    return log_normal.logsumexp(0) - math.log(len(scales))
 
 
 class _Start(NamedTuple):
@@ -313,10 +386,3 @@ def _tempering_power(log_likelihood: torch.Tensor, ess_fraction: float) -> float
         else:
             high = middle
     return low
-
-
-def _init_to_sample_or_uniform(site: dict) -> torch.Tensor:
-    try:
-        return site["fn"].sample().detach()
-    except NotImplementedError:
-        return init_to_uniform(site)

@@ -63,14 +63,25 @@ class AutoGaussianMixture(AutoMixture):
     :math:`\mu_k = u_0 + s\,(c_k - u_0)` with :math:`s` = ``init_spread``. EM components that
     explain fewer than 5 distinct draws (single far draws of a heavy-tailed prior: such a
     component would start with a tiny scale and no weight) are replaced by splitting the
-    heaviest ones. Sites whose prior cannot be sampled (``ImproperUniform``) are drawn
-    uniformly on ``(-2, 2)``. A prior-only model has :math:`\beta = 1` (EM on prior draws).
-    Initialization costs ``N`` runs of the model. The start is diagonal for every
-    ``covariance`` (:math:`U_k = I`; :math:`W_k` small random, entries
-    :math:`\mathcal{N}(0, 0.1^2/r)`, with :math:`\sigma_k` shrunk so that the marginal standard
-    deviations are the fit's): the ~``init_ess`` :math:`\cdot N` effective draws are too few to
-    estimate ``K`` full :math:`D \times D` covariances, and the gradient of the ELBO in the
-    off-diagonal entries does not vanish there (in :math:`W_k` it does at 0, hence small random).
+    heaviest ones. A prior-only model has :math:`\beta = 1` (EM on prior draws).
+    Initialization costs ``N`` runs of the model.
+
+    The start is diagonal for every ``covariance`` (:math:`U_k = I`; :math:`W_k` small random,
+    entries :math:`\mathcal{N}(0, 0.1^2/r)`, with :math:`\sigma_k` shrunk so that the marginal
+    standard deviations are the fit's): the ~``init_ess`` :math:`\cdot N` effective draws are
+    too few to estimate ``K`` full :math:`D \times D` covariances, and the gradient of the ELBO
+    in the off-diagonal entries does not vanish there (in :math:`W_k` it does at 0, hence small
+    random).
+
+    Sites whose prior cannot be sampled (an improper ``ImproperUniform`` with the whole target
+    in a ``pyro.factor``, as energy functions and unnormalized densities are written) are
+    drawn instead from a broad reference in unconstrained space, a scale mixture of centred
+    Gaussians with standard deviations 1/4, 1, 4, 16 and 64, and their weights become
+    importance weights of the unnormalized target (its density over the reference's); the
+    rest is as above, at the same ``N`` model runs. On the four separated modes of
+    ``benchmarks/svi.py`` written with a flat prior, the shares ended at 0.389 / 0.310 /
+    0.201 / 0.101 (truth 0.4 / 0.3 / 0.2 / 0.1) and the log Z error at 0.00 (seed 0, 8
+    components, ``RaoBlackwellELBO``, 3000 Adam steps).
 
     Why: components started over the prior must travel to a posterior much narrower than the
     prior, often along ridges where the likelihood is flat, while the first to arrive takes
@@ -104,8 +115,10 @@ class AutoGaussianMixture(AutoMixture):
             (:class:`AutoMixtureBaseFlow` and :class:`AutoClassifierWeightedMixture` take them
             too) and validated once, when the guide is built:
 
-            * ``init_loc_fn`` (``init_to_median``): per-site initialization of the model's
-              point :math:`u_0` (Pyro's ``init_to_*`` functions).
+            * ``init_loc_fn`` (``init_to_median_or_origin``): per-site initialization of the
+              model's point :math:`u_0` (Pyro's ``init_to_*`` functions); the default is
+              Pyro's ``init_to_median``, or the origin of unconstrained space for sites that
+              cannot be sampled (``ImproperUniform``), where Pyro's raise.
             * ``init_scale`` (``None``): initial scale of every component (unconstrained
               space); ``None``: the scales of the tempered EM fit.
             * ``init_spread`` (``1.0``): how far the components start from :math:`u_0`, as a

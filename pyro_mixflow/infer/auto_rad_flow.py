@@ -8,14 +8,18 @@ from typing import Any
 import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import AffineTransform
 
 from pyro_mixflow._checks import check_positive_int
 from pyro_mixflow.distributions.rad_flow import RADFlow
-from pyro_mixflow.infer._auto_mixture import InitOptions, QuantilesFromDraws, prior_draws
+from pyro_mixflow.infer._auto_mixture import (
+    InitOptions,
+    QuantilesFromDraws,
+    init_to_median_or_origin,
+    prior_draws,
+)
 from pyro_mixflow.transforms.rad import NETWORKS, RADCoupling
 
 __all__ = ["AutoRADFlow"]
@@ -82,7 +86,7 @@ class AutoRADFlow(QuantilesFromDraws, AutoContinuous):
         *,
         network: str = "mlp",
         bound: float = 3.0,
-        init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
+        init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median_or_origin,
         quantile_samples: int = 10000,
     ) -> None:
         check_positive_int("num_pieces", num_pieces)
