@@ -159,7 +159,7 @@ def test_dataset_gives_the_result_of_the_same_rows_and_reads_batch_by_batch(batc
 
 
 def test_memmap_is_checked_in_chunks_with_the_messages_of_rows_in_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr("pyro_mixflow.fitting.training.CHECK_ROWS", 16)
+    monkeypatch.setattr("pyro_mixflow.fitting._rows.CHECK_ROWS", 16)
     data = _blobs(100).numpy()
     data[37, 1] = math.nan
     data[52, 0] = math.inf
