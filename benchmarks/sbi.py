@@ -30,7 +30,8 @@ of CPU time other processes took while training.
 
 **Outputs** (in ``--out``): ``sbi-<tag>.json`` (one process, rewritten after every cell so
 partial runs survive and resume: cells already there are skipped), then ``--report`` merges
-every ``sbi-*.json`` into ``sbi.json``, ``sbi.md`` and ``sbi.png`` (draws of each estimator
+every ``sbi-*.json`` into ``sbi.json``, ``sbi.md`` and ``sbi.png`` (or re-renders them from
+``sbi.json`` alone, as kept in ``benchmarks/results``) (draws of each estimator
 against the reference for observation 1 at the largest budget, one row per task).
 
 Usage::
@@ -524,8 +525,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report:
         run(args)
     paths = sorted(p for p in args.out.glob("sbi-*.json"))
-    merged = merge(paths)
-    (args.out / "sbi.json").write_text(json.dumps(merged, separators=(",", ":")) + "\n")
+    if paths:
+        merged = merge(paths)
+        (args.out / "sbi.json").write_text(json.dumps(merged, separators=(",", ":")) + "\n")
+    else:  # only the merged records (benchmarks/results keeps no per-process file)
+        merged = json.loads((args.out / "sbi.json").read_text())
     print(report(merged, args.out))
 
 
