@@ -446,18 +446,30 @@ def save_figure(merged: dict[str, Any], tasks: list[str], names: list[str], path
         reference = np.asarray(figure.get(f"{task}/reference", []))
         i, j = FIGURE_DIMS[task]
         for ax, name in zip(row, names, strict=True):
-            if len(reference):
-                ax.scatter(reference[:, i], reference[:, j], s=1, c="0.7", label="reference")
             draws = np.asarray(figure.get(f"{task}/{name}", []))
             if len(draws):
-                ax.scatter(draws[:, i], draws[:, j], s=1, c="C3" if name in OURS else "C0")
+                color = "C3" if name in OURS else "C0"
+                ax.scatter(draws[:, i], draws[:, j], s=1, c=color, alpha=0.5, linewidths=0)
+            if len(reference):  # on top, so that draws cannot hide it; one frame per row
+                ax.scatter(reference[:, i], reference[:, j], s=0.5, c="k", alpha=0.35, linewidths=0)
+                for limits, values in (
+                    (ax.set_xlim, reference[:, i]),
+                    (ax.set_ylim, reference[:, j]),
+                ):
+                    low, high = np.quantile(values, [0.005, 0.995])
+                    pad = 0.25 * (high - low)
+                    limits(low - pad, high + pad)
             ax.set_xticks([])
             ax.set_yticks([])
             if task == tasks[0]:
                 ax.set_title(LABELS[name], fontsize=8)
             if name == names[0]:
                 ax.set_ylabel(f"{task}\nθ{j + 1} vs θ{i + 1}", fontsize=8)
-    fig.suptitle("Posterior draws (color) against the reference (gray), observation 1", fontsize=9)
+    fig.suptitle(
+        "Posterior draws (color) against the reference (black), observation 1; the frame is "
+        "the reference's 99% range, padded",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
