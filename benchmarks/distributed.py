@@ -1,6 +1,7 @@
 r"""Data-parallel ``fit`` on CPU processes (gloo): throughput of 1, 2, ... processes.
 
-Each run trains ``nn.GMM(8, 50)`` (EM start on 20,000 rows, done before timing) by
+Each run trains ``nn.GMM(8, 50)`` (a light step: a few milliseconds) or ``nn.MixtureFlow(8)``
+(a heavier one), started from data (EM on 20,000 rows, before timing), by
 :func:`pyro_mixflow.fit` on 200,000 synthetic rows at global batch 4096 for ``--steps`` steps,
 without validation, one torch thread per process. With ``R > 1`` processes the script spawns
 them (``torch.multiprocessing``), each calls ``torch.distributed.init_process_group("gloo")``
@@ -9,7 +10,9 @@ summed over ranks once per step. Reported: optimizer steps per second (rank 0's 
 clock, after one warm-up run of 5 steps), the speed-up over one process, and the share of the
 machine's CPU time other processes used while the run lasted (``/proc/stat``), since a busy
 machine cannot show the speed-up. The target of the project is at least 1.6 times the
-throughput of one process with 2 processes on 2 cores.
+throughput of one process with 2 processes on 2 cores. Each step costs one ``all_reduce`` of
+the gradients, whose latency (about 1.7 ms for 1,000 floats between two gloo processes on the
+2-core machine of our tables) bounds the gain of a light step.
 
 Usage::
 
@@ -33,7 +36,7 @@ import torch.multiprocessing as mp
 from speed_memory import busy_cpu_seconds, environment_line
 
 from pyro_mixflow import fit
-from pyro_mixflow.nn import GMM
+from pyro_mixflow.nn import GMM, MixtureFlow
 
 BATCH, DIM, COMPONENTS, SEED = 4096, 8, 50, 0
 
@@ -48,42 +51,47 @@ def rows(quick: bool) -> torch.Tensor:
     return x
 
 
-def train(steps: int, quick: bool) -> float:
+MODELS = {"gmm": lambda: GMM(DIM, COMPONENTS), "flow": lambda: MixtureFlow(DIM)}
+
+
+def train(model_name: str, steps: int, quick: bool) -> float:
     """Steps per second of ``fit`` in this process (distributed if a group is initialized)."""
     torch.manual_seed(SEED)
     data = rows(quick)
-    model = GMM(DIM, COMPONENTS).init_from_data(data[:20_000])
+    model = MODELS[model_name]().init_from_data(data[:20_000])
     options = {"batch_size": BATCH, "validation": None, "progress": False, "seed": SEED}
     fit(model, data, steps=5, **options)  # warm-up
     history = fit(model, data, steps=steps, **options)
     return steps / history.seconds
 
 
-def worker(rank: int, world_size: int, init_file: str, out_file: str, steps: int, quick: bool):
+def worker(
+    rank: int, world_size: int, init_file: str, out_file: str, model: str, steps: int, quick: bool
+):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        rate = train(steps, quick)
+        rate = train(model, steps, quick)
         if rank == 0:
             Path(out_file).write_text(json.dumps({"steps_per_second": rate}))
     finally:
         dist.destroy_process_group()
 
 
-def run(world_size: int, steps: int, quick: bool) -> tuple[float, float]:
+def run(model: str, world_size: int, steps: int, quick: bool) -> tuple[float, float]:
     """Steps per second with ``world_size`` processes, and the other processes' CPU share."""
     (busy0, own0), children0 = busy_cpu_seconds(), sum(os.times()[2:4])
     start = time.perf_counter()
     if world_size == 1:
         torch.set_num_threads(1)
-        rate = train(steps, quick)
+        rate = train(model, steps, quick)
     else:
         with tempfile.TemporaryDirectory() as folder:
             out_file = os.path.join(folder, "result.json")
             init_file = os.path.join(folder, "init")
-            args = (world_size, init_file, out_file, steps, quick)
+            args = (world_size, init_file, out_file, model, steps, quick)
             mp.spawn(worker, args=args, nprocs=world_size)
             rate = json.loads(Path(out_file).read_text())["steps_per_second"]
     wall = time.perf_counter() - start
@@ -97,25 +105,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 steps on 20,000 rows")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (300)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     steps = args.steps or (20 if args.quick else 300)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {r: run(r, steps, args.quick) for r in args.processes}
-    base = results[min(results)][0]
+    results = {(m, r): run(m, r, steps, args.quick) for m in args.models for r in args.processes}
     lines = [
         "# Data-parallel `fit` on CPU processes (gloo)",
         "",
         f"Generated by `benchmarks/distributed.py`. {environment_line()}.",
-        f"`nn.GMM({DIM}, {COMPONENTS})`, global batch {BATCH}, {steps} timed steps, one thread "
-        "per process.",
+        f"`nn.GMM({DIM}, {COMPONENTS})` (gmm) and `nn.MixtureFlow({DIM})` (flow), global batch "
+        f"{BATCH}, {steps} timed steps, one thread per process.",
         "",
-        "| processes | steps / s | speed-up | CPU share of other processes |",
-        "|---:|---:|---:|---:|",
+        "| model | processes | steps / s | speed-up | CPU share of other processes |",
+        "|---|---:|---:|---:|---:|",
         *(
-            f"| {r} | {rate:.1f} | {rate / base:.2f} | {other:.0%} |"
-            for r, (rate, other) in results.items()
+            f"| {m} | {r} | {rate:.1f} | {rate / results[(m, min(args.processes))][0]:.2f} | "
+            f"{other:.0%} |"
+            for (m, r), (rate, other) in results.items()
         ),
     ]
     text = "\n".join(lines) + "\n"
@@ -124,18 +133,20 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
 
 
-def save_figure(results: dict[int, tuple[float, float]], path: Path) -> None:
+def save_figure(results: dict[tuple[str, int], tuple[float, float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 3))
-    processes = list(results)
-    ax.bar([str(r) for r in processes], [results[r][0] for r in processes], color="C0")
-    ax.set_xlabel("processes")
-    ax.set_ylabel("optimizer steps / s")
-    ax.set_title("fit, nn.GMM(8, 50), batch 4096", fontsize=9)
+    models = sorted({m for m, _ in results})
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        processes = [r for m, r in results if m == model]
+        ax.bar([str(r) for r in processes], [results[(model, r)][0] for r in processes])
+        ax.set_xlabel("processes")
+        ax.set_ylabel("optimizer steps / s")
+        ax.set_title(f"fit, {model}, batch {BATCH}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
