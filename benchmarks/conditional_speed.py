@@ -61,13 +61,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sbi
 import torch
-from sbi.neural_nets import posterior_nn
 
+# This folder holds sbi.py (the NPE benchmark): it leaves the import path while the sbi package
+# loads, or `import sbi` would find that script.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import sbi  # noqa: E402
+from sbi.neural_nets import posterior_nn  # noqa: E402
+
+sys.path.insert(0, str(HERE))
 # speed_memory.py (this folder): /proc readers, the peak-RSS reset, malloc_trim, CPU share,
 # the environment line.
-from speed_memory import (
+from speed_memory import (  # noqa: E402
     busy_cpu_seconds,
     clear_refs_works,
     environment_line,
@@ -76,7 +82,7 @@ from speed_memory import (
     reset_peak_rss,
 )
 
-from pyro_mixflow import nn as pmn
+from pyro_mixflow import nn as pmn  # noqa: E402
 
 CONTEXT_DIM = 5
 # The comparison: batch, components, dimension, hidden width.
