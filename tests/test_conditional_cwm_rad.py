@@ -377,12 +377,17 @@ def test_learns_a_rotated_density(name):
         model = RAD(2, num_layers=4, hidden_dims=(32, 32), context_dim=1)
     model.init_from_data(x, angle)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # Annealed, as fit trains: the last iterate at a constant rate is as noisy as the rate
+    # (at a constant rate RAD's KL at one angle ended at 0.32 on this session's machine; the
+    # same code and seed had passed, under 0.15, in earlier CI runs).
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 1500)
     for _ in range(1500):
         index = torch.randint(0, len(x), (256,))
         loss = -model(angle[index]).log_prob(x[index]).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     test_angles = torch.tensor([[-1.2], [-0.4], [0.3], [1.0]])
     draws = torch.stack(
         [_rotated(a.expand(4000, 1), seed=i) for i, a in enumerate(test_angles)], 1
