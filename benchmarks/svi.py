@@ -36,6 +36,11 @@ Every guide is trained by stock ``pyro.infer.SVI`` on a Pyro model whose log-evi
 * ``funnel``: Neal's funnel in 10-D, :math:`v \sim \mathcal N(0, 3^2)`,
   :math:`x_i \mid v \sim \mathcal N(0, e^{v})`, :math:`i = 1..9`; :math:`\log Z = 0`. No modes;
   the extra column is the variance of :math:`v` under the guide (truth 9).
+* ``four_modes_flat``, ``ring_flat``: the same two densities written the other common way,
+  an improper flat prior (``ImproperUniform``) with the whole target in the factor, as energy
+  functions and unnormalized densities are; :math:`\log Z = 0` still. The guides' start cannot
+  draw from this prior. (``label_switching`` and ``funnel`` have no flat-prior version: with
+  a flat prior on the means, or on :math:`v`, their posteriors are improper.)
 
 **Guides** (one budget for all: Adam, learning rate 5e-3, 3,000 steps, 8 particles):
 
@@ -51,10 +56,16 @@ Every guide is trained by stock ``pyro.infer.SVI`` on a Pyro model whose log-evi
   ``AutoMixtureBaseFlow`` (default: one IAF over the mixture) and
   ``AutoClassifierWeightedMixture`` (classifier 32 × 32) with ``RaoBlackwellELBO(num_particles=1)``,
   which evaluates the model once per component, i.e. 8 model evaluations per step: the same
-  as 8 particles.
+  as 8 particles. Also the default ``AutoGaussianMixture`` (K = 16, 16 evaluations per step),
+  and the same with ``covariance="full"``.
 
 Seeds: ``pyro.set_rng_seed(seed)`` and a fresh param store before each guide is built. Runs
 use one torch thread (``--threads``).
+
+On the flat-prior targets each trained guide is also checked as a user would check it,
+without the truth: :func:`~pyro_mixflow.diagnostics.compare_restarts` of the guide alone
+against the reference importance sampler (``reference_samples`` = the diagnostics' draws);
+"flagged" counts the seeds where it says the guide misses posterior mass.
 
 **Outputs** (in ``--out``): ``svi-<tag>.json`` (one process; rewritten after every run, so
 partial runs survive and merge), then the report: ``svi.md`` (tables), ``svi.png`` (draws of
@@ -92,6 +103,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
+from pyro.distributions import constraints
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoIAFNormal,
@@ -100,11 +112,12 @@ from pyro.infer.autoguide import (
     AutoNormal,
     AutoNormalizingFlow,
 )
+from pyro.infer.autoguide.initialization import InitMessenger
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from pyro_mixflow import DiagNormalMixture
-from pyro_mixflow.diagnostics import importance_diagnostics, mode_shares
+from pyro_mixflow.diagnostics import compare_restarts, importance_diagnostics, mode_shares
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import density as density_benchmark
@@ -115,9 +128,10 @@ from pyro_mixflow.infer import (
     AutoMixtureBaseFlow,
     AutoRADFlow,
     RaoBlackwellELBO,
+    init_to_median_or_origin,
 )
 
-TARGETS = ("four_modes", "ring", "label_switching", "funnel")
+TARGETS = ("four_modes", "ring", "label_switching", "funnel", "four_modes_flat", "ring_flat")
 GUIDES = {
     "auto_normal": "AutoNormal (Pyro)",
     "auto_mvn": "AutoMultivariateNormal (Pyro)",
@@ -129,9 +143,10 @@ GUIDES = {
     "mbf_rb": "AutoMixtureBaseFlow, RaoBlackwellELBO (ours)",
     "cwm_rb": "AutoClassifierWeightedMixture, RaoBlackwellELBO (ours)",
     "agm16_rb": "AutoGaussianMixture K = 16 (default), RaoBlackwellELBO (ours; 16 evaluations)",
+    "agm16_full_rb": "AutoGaussianMixture K = 16, full covariance, RaoBlackwellELBO (ours)",
     "rad": "AutoRADFlow, Trace_ELBO (ours)",
 }
-OURS = ("agm_exact", "agm_rb", "mbf_rb", "cwm_rb", "agm16_rb", "rad")
+OURS = ("agm_exact", "agm_rb", "mbf_rb", "cwm_rb", "agm16_rb", "agm16_full_rb", "rad")
 SHARE_TOLERANCE = 0.05
 
 
@@ -209,6 +224,16 @@ def _factor_model(log_density: Callable[[torch.Tensor], torch.Tensor]) -> Callab
         prior = dist.Normal(torch.zeros(2), PRIOR_SCALE).to_event(1)
         x = pyro.sample("x", prior)
         pyro.factor("target", log_density(x) - prior.log_prob(x))
+
+    return model
+
+
+def _flat_model(log_density: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """A 2-D model: improper flat prior (``ImproperUniform``) and the whole target in a factor."""
+
+    def model() -> None:
+        x = pyro.sample("x", dist.ImproperUniform(constraints.real, (), (2,)))
+        pyro.factor("target", log_density(x))
 
     return model
 
@@ -294,22 +319,24 @@ def _funnel_model() -> None:
 
 def build_target(name: str, budget: Budget) -> Target:
     """The target ``name``, with its truth."""
-    if name == "four_modes":
+    flat = name.endswith("_flat")
+    wrap = _flat_model if flat else _factor_model
+    if name in ("four_modes", "four_modes_flat"):
         return Target(
             name,
-            _factor_model(four_modes_log_density),
+            wrap(four_modes_log_density),
             0.0,
             2,
             FOUR_MODE_LOCS.clone(),
             FOUR_MODE_WEIGHTS.clone(),
             ("x",),
         )
-    if name == "ring":
+    if name in ("ring", "ring_flat"):
         angles = torch.arange(8) * (2 * math.pi / 8)
         modes = RING_RADIUS * torch.stack([angles.cos(), angles.sin()], -1)
         return Target(
             name,
-            _factor_model(ring_log_density),
+            wrap(ring_log_density),
             0.0,
             2,
             modes,
@@ -352,20 +379,30 @@ def _spline_flow(dim: int) -> T.ComposeTransformModule:
     )
 
 
-def build_guide(name: str, model: Callable[[], None], budget: Budget) -> tuple[Any, Any]:
-    """``(guide, elbo)`` of the guide ``name`` for ``model`` at ``budget``."""
+def build_guide(
+    name: str, model: Callable[[], None], budget: Budget, flat_prior: bool = False
+) -> tuple[Any, Any]:
+    """``(guide, elbo)`` of the guide ``name`` for ``model`` at ``budget``.
+
+    Pyro's guides start from prior draws (``init_to_median``; ``init_to_feasible`` too draws
+    once for the shape), which an improper prior cannot give: with ``flat_prior`` they start
+    at the origin of the unconstrained space (:func:`pyro_mixflow.infer.init_to_median_or_origin`,
+    the same as Pyro's ``init_to_value`` at zero), set by wrapping the model the guide traces
+    for its prototype. Ours keep their defaults.
+    """
     trace_elbo = Trace_ELBO(num_particles=budget.num_particles, vectorize_particles=True)
     k = budget.num_components
-    if name == "auto_normal":
-        return AutoNormal(model), trace_elbo
-    if name == "auto_mvn":
-        return AutoMultivariateNormal(model), trace_elbo
-    if name == "auto_lowrank":
-        return AutoLowRankMultivariateNormal(model), trace_elbo
-    if name == "auto_iaf":
-        return AutoIAFNormal(model), trace_elbo
-    if name == "spline_flow":
-        return AutoNormalizingFlow(model, _spline_flow), trace_elbo
+    pyro_guides = {
+        "auto_normal": AutoNormal,
+        "auto_mvn": AutoMultivariateNormal,
+        "auto_lowrank": AutoLowRankMultivariateNormal,
+        "auto_iaf": AutoIAFNormal,
+        "spline_flow": lambda model: AutoNormalizingFlow(model, _spline_flow),
+    }
+    if name in pyro_guides:
+        if flat_prior:  # the flows take no init_loc_fn: the start wraps the model they trace
+            model = InitMessenger(init_to_median_or_origin)(model)
+        return pyro_guides[name](model), trace_elbo
     if name == "agm_exact":
         return AutoGaussianMixture(model, num_components=k), trace_elbo
     if name == "agm_rb":
@@ -377,6 +414,9 @@ def build_guide(name: str, model: Callable[[], None], budget: Budget) -> tuple[A
         return guide, RaoBlackwellELBO(num_particles=1)
     if name == "agm16_rb":
         return AutoGaussianMixture(model, num_components=16), RaoBlackwellELBO(num_particles=1)
+    if name == "agm16_full_rb":
+        guide = AutoGaussianMixture(model, num_components=16, covariance="full")
+        return guide, RaoBlackwellELBO(num_particles=1)
     if name == "rad":
         return AutoRADFlow(model), trace_elbo
     raise ValueError(f"unknown guide {name!r}; choose from {list(GUIDES)}")
@@ -403,6 +443,7 @@ class Record:
     modes_ok: int | None = None
     max_share_error: float | None = None
     extra: float | None = None
+    flagged: bool | None = None  # flat-prior targets: compare_restarts against the reference
     seconds: float | None = None
     final_loss: float | None = None  # mean loss over the last 10% of the steps
     draws: list[list[float]] | None = None  # seed 0: the first 2 coordinates, for the figure
@@ -414,7 +455,8 @@ def train_and_score(target: Target, guide_name: str, seed: int, budget: Budget) 
     record = Record(target.name, guide_name, seed)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide, elbo = build_guide(guide_name, target.model, budget)
+    flat_prior = target.name.endswith("_flat")
+    guide, elbo = build_guide(guide_name, target.model, budget, flat_prior)
     svi = SVI(target.model, guide, pyro.optim.Adam({"lr": budget.lr}), elbo)
     losses = []
     start = time.perf_counter()
@@ -442,6 +484,14 @@ def train_and_score(target: Target, guide_name: str, seed: int, budget: Budget) 
             record.shares = shares.tolist()
             record.modes_ok = int((errors <= SHARE_TOLERANCE).sum())
             record.max_share_error = float(errors.max())
+        if flat_prior:  # would the user, who does not know the truth, be told?
+            check = compare_restarts(
+                target.model,
+                [diag],
+                num_samples=budget.eval_samples,
+                reference_samples=budget.eval_samples,
+            )
+            record.flagged = check.flagged[0]
         draws = _draws(target, guide, budget.eval_samples)
         record.extra = _extra(target, draws)
         if seed == 0:  # the figure shows the first seed
@@ -451,10 +501,13 @@ def train_and_score(target: Target, guide_name: str, seed: int, budget: Budget) 
 
 
 def _draws(target: Target, guide: Any, num_samples: int) -> torch.Tensor:
-    """``[N, D]`` guide draws of the plotted sites, flattened and concatenated (Predictive)."""
+    """``[N, D]`` guide draws of the plotted sites, flattened and concatenated (Predictive).
+
+    The guide alone is run: running the model too would sample its prior, which an improper
+    flat prior cannot.
+    """
     predictive = Predictive(
-        target.model,
-        guide=guide,
+        guide,
         num_samples=num_samples,
         return_sites=list(target.plot_sites),
         parallel=True,
@@ -464,7 +517,7 @@ def _draws(target: Target, guide: Any, num_samples: int) -> torch.Tensor:
 
 
 def _extra(target: Target, draws: torch.Tensor) -> float | None:
-    if target.name == "ring":
+    if target.name.startswith("ring"):
         angle = torch.atan2(draws[:, 1], draws[:, 0])
         bins = ((angle + math.pi) / (2 * math.pi) * 36).long().clamp(0, 35)
         share = bins.bincount(minlength=36).double() / len(draws)
@@ -654,12 +707,19 @@ def _markdown(
                 f"grid {t['log_z_coarse_grid_change']:+.1e}"
             )
         header += ")"
-        extra_name = {"ring": "angle covered", "funnel": "var v (truth 9)"}.get(name)
+        extra_name = {
+            "ring": "angle covered",
+            "ring_flat": "angle covered",
+            "funnel": "var v (truth 9)",
+        }.get(name)
         columns = ["guide", "log Z err (IS)", "ELBO − log Z"]
         if modes is not None:
             columns += [f"modes ok (of {len(modes)})", "max abs Δshare"]
         if extra_name:
             columns.append(extra_name)
+        flat = name.endswith("_flat")
+        if flat:
+            columns.append("flagged (of seeds)")
         columns += ["k̂", "s", "note"]
         lines += [
             "",
@@ -689,6 +749,9 @@ def _markdown(
                 cells.append(_fmt(_mean([r["max_share_error"] for r in ok]), ".3f"))
             if extra_name:
                 cells.append(_fmt(_mean([r["extra"] for r in ok]), ".2f"))
+            if flat:
+                flags = [r.get("flagged") for r in ok if r.get("flagged") is not None]
+                cells.append(f"{sum(flags)}/{len(flags)}" if flags else "—")
             cells += [
                 _fmt(_mean([r["pareto_k"] for r in ok]), ".2f"),
                 _fmt(_mean([r["seconds"] for r in ok]), ".0f"),
@@ -715,6 +778,14 @@ def _verdicts(records: dict, names: list[str], guides: list[str]) -> list[str]:
         "label_switching": (
             "≥ 5 of 6 modes within ±0.05 and |log Z error| < 0.2",
             lambda r: r["modes_ok"] >= 5 and abs(r["log_z_error"]) < 0.2,
+        ),
+        "four_modes_flat": (
+            "every mode's share within ±0.05 and |log Z error| < 0.05",
+            lambda r: r["modes_ok"] == 4 and abs(r["log_z_error"]) < 0.05,
+        ),
+        "ring_flat": (
+            "all 8 sectors within ±0.05",
+            lambda r: r["modes_ok"] == 8,
         ),
     }
     for name, (goal, test) in targets.items():
@@ -817,7 +888,9 @@ def _truth_grid(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     axis = torch.linspace(-7, 7, 150)
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     grid = torch.stack([xx, yy], -1)
-    log_p = four_modes_log_density(grid) if name == "four_modes" else ring_log_density(grid)
+    log_p = (
+        four_modes_log_density(grid) if name.startswith("four_modes") else ring_log_density(grid)
+    )
     return axis, axis, log_p.exp()
 
 

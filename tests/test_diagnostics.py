@@ -26,6 +26,7 @@ from pyro_mixflow.diagnostics import (
     mode_shares,
     to_inference_data,
 )
+from pyro_mixflow.infer import init_to_median_or_origin
 
 Z_MAX = 4.5  # z-score limit of every statistical check
 
@@ -231,6 +232,37 @@ def test_compare_restarts_of_trained_autonormal():
     assert abs(result.gaps[1] - math.log(2.0)) < Z_MAX * result.gap_ses[1]
 
 
+def test_reference_estimates_the_evidence_of_a_proper_model():
+    """With a proper prior the reference is importance sampling from the prior: unbiased."""
+    result = compare_restarts(normal_model, [normal_guide()], X, reference_samples=1000)
+    reference = result.diagnostics[-1]
+    assert result.reference and result.labels == ("0", "reference")
+    assert abs(reference.log_evidence - normal_log_evidence(X)) < Z_MAX * reference.log_evidence_se
+    assert result.ok, result.message
+
+
+def test_reference_flags_a_single_mode_guide_under_a_flat_prior():
+    """One AutoNormal, started at the origin as every restart would be, ends on one mode of the
+    flat-prior target. Restarts from that start agree; the reference, which no training
+    steered, finds the other modes' mass."""
+    with pyro.settings.context(module_local_params=True):
+        guide = AutoNormal(four_mode_model, init_loc_fn=init_to_median_or_origin)
+        svi = SVI(four_mode_model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+        for _ in range(300):
+            svi.step()
+        result = compare_restarts(
+            four_mode_model, [guide], num_samples=1000, reference_samples=3000
+        )
+    guide_result, reference = result.diagnostics
+    assert guide_result.reliable and guide_result.ess_fraction > 0.8  # PSIS sees nothing wrong
+    assert result.best == 1 and result.flagged == (True, False)
+    # the reference is unbiased for log Z (= log 1 here) up to its standard error
+    assert abs(reference.log_evidence - LOG_Z) < Z_MAX * reference.log_evidence_se
+    assert result.missed_mass[0] > 0.5
+    assert "Broad draws that no training steered" in result.message
+    assert "    ref " in repr(result)
+
+
 def test_restarts_that_share_parameters_are_refused():
     guides = [AutoNormal(plated_model), AutoNormal(plated_model)]
     with pytest.raises(ValueError, match=r"`guides\[0\]` and `guides\[1\]` read the same"):
@@ -407,8 +439,12 @@ def test_invalid_arguments():
         ImportanceDiagnostics.from_log_weights(torch.tensor([0.0, math.nan]))
     with pytest.raises(ValueError, match="all -inf"):
         ImportanceDiagnostics.from_log_weights(torch.full((3,), -math.inf))
-    with pytest.raises(ValueError, match="`guides` must hold at least 2 restarts, got 1"):
+    with pytest.raises(ValueError, match=r"`guides` must hold at least 2 restart\(s\), got 1"):
         compare_restarts(normal_model, [normal_guide()], X)
+    with pytest.raises(ValueError, match=r"`reference_samples` must be 0 .* got 1"):
+        compare_restarts(normal_model, [normal_guide()], X, reference_samples=1)
+    with pytest.raises(TypeError, match="`reference_samples` must be an integer"):
+        compare_restarts(normal_model, [normal_guide()], X, reference_samples=10.0)
     with pytest.raises(TypeError, match="`ImportanceDiagnostics` instances"):
         RestartComparison.from_diagnostics([1.0, 2.0])
     with pytest.raises(ValueError, match="`guide` is an empty sequence"):

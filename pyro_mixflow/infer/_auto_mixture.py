@@ -13,6 +13,7 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.nn import PyroParam
+from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to
 
 from pyro_mixflow._checks import check_positive_int
@@ -26,6 +27,7 @@ __all__ = [
     "QuantilesFromDraws",
     "init_to_median_or_origin",
     "prior_draws",
+    "reference_draws",
 ]
 
 _MIN_INIT_DRAWS = 1000
@@ -204,15 +206,19 @@ def prior_draws(guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict
     """Draws of the model's latents from the prior, as unconstrained vectors ``(N, D)``.
 
     Sites whose prior cannot be sampled (``ImproperUniform``) are drawn from the broad
-    reference of :func:`_prior_draws_and_log_likelihoods`.
+    reference of :func:`reference_draws`.
     """
-    return _prior_draws_and_log_likelihoods(guide, num_draws, args, kwargs)[0]
+    return reference_draws(guide._raw_model[0], num_draws, args, kwargs, guide.prototype_trace)[0]
 
 
-def _prior_draws_and_log_likelihoods(
-    guide: AutoContinuous, num_draws: int, args: tuple, kwargs: dict
+def reference_draws(
+    model: Callable[..., Any],
+    num_draws: int,
+    args: tuple,
+    kwargs: dict,
+    prototype_trace: poutine.Trace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Prior draws ``(N, D)`` (unconstrained) and their log importance weights ``(N,)``.
+    r"""Prior draws ``(N, D)`` of the model's latents (unconstrained) and log importance weights.
 
     For a proper prior the weight of a draw is its log-likelihood: the summed log-probability
     of the model's sites that are not latent (observed sites and ``pyro.factor`` terms, scaled
@@ -225,10 +231,29 @@ def _prior_draws_and_log_likelihoods(
     :math:`s_l \in \{1/4, 1, 4, 16, 64\}` (draw :math:`i` uses :math:`s_{i \bmod L}`), and
     the weight also gets their own log-density, the log-Jacobian of the map to their support
     and :math:`-\log r(v)`: the draws are then importance draws of the unnormalized target,
-    whatever its scale between about 0.1 and 100 units from the origin. Cost: the same ``N``
-    model runs.
+    whatever its scale between about 0.1 and 100 units from the origin. Either way
+    :math:`\frac1N \sum_i w_i` is an unbiased estimate of the model's evidence :math:`Z`
+    (exactly so when :math:`N` is a multiple of :math:`L`: each scale then draws the same
+    number of times). Cost: ``N`` model runs, one at a time.
+
+    Args:
+        model: The Pyro model.
+        num_draws: ``N``.
+        args: The model's positional arguments.
+        kwargs: The model's keyword arguments.
+        prototype_trace: A trace whose stochastic nodes name the latent sites, their order and
+            shapes (an autoguide's ``prototype_trace``); ``None`` traces the model once.
+
+    Returns:
+        ``(draws, log_weights)``: ``(N, D)`` unconstrained draws, the sites concatenated in
+        the prototype's order, and ``(N,)`` float64 log weights.
     """
-    latent = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
+    if prototype_trace is None:
+        with poutine.block(), torch.no_grad():
+            traced = InitMessenger(init_to_median_or_origin)(model)
+            trace = poutine.trace(traced).get_trace(*args, **kwargs)
+        prototype_trace = prune_subsample_sites(trace)
+    latent = {name for name, _ in prototype_trace.iter_stochastic_nodes()}
     improper: dict[str, torch.Tensor] = {}  # unconstrained reference draws of the current run
     scale = torch.ones(())
 
@@ -237,12 +262,12 @@ def _prior_draws_and_log_likelihoods(
             return site["fn"].sample().detach()
         except NotImplementedError:
             transform = biject_to(site["fn"].support)
-            prototype = guide.prototype_trace.nodes[site["name"]]["value"]
+            prototype = prototype_trace.nodes[site["name"]]["value"]
             shape = transform.inverse_shape(prototype.shape)
             improper[site["name"]] = scale * torch.randn(shape, dtype=prototype.dtype)
             return transform(improper[site["name"]])
 
-    model = InitMessenger(init)(guide._raw_model[0])
+    model = InitMessenger(init)(model)
     draws, log_weights = [], []
     for i in range(num_draws):
         improper.clear()
@@ -257,7 +282,7 @@ def _prior_draws_and_log_likelihoods(
             if site["type"] == "sample" and (name not in latent or name in improper):
                 log_weight = log_weight + site["log_prob_sum"].double()
         parts = []
-        for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        for name, site in prototype_trace.iter_stochastic_nodes():
             value = trace.nodes[name]["value"].detach()
             transform = biject_to(site["fn"].support)
             unconstrained = transform.inv(value)
@@ -308,7 +333,9 @@ def _tempered_start(
     With no likelihood (a prior-only model) :math:`\beta = 1` and this is EM on prior draws.
     Why this start, with figures: :class:`~pyro_mixflow.infer.AutoGaussianMixture`.
     """
-    draws, log_likelihood = _prior_draws_and_log_likelihoods(guide, num_draws, args, kwargs)
+    draws, log_likelihood = reference_draws(
+        guide._raw_model[0], num_draws, args, kwargs, guide.prototype_trace
+    )
     num_components = guide.num_components
     finite = torch.isfinite(log_likelihood)
     if int(finite.sum()) >= num_components:
