@@ -2,17 +2,22 @@ r"""Data-parallel ``fit`` on CPU processes (gloo): throughput of 1, 2, ... proce
 
 Each run trains ``nn.GMM(8, 50)`` (a light step: a few milliseconds) or ``nn.MixtureFlow(8)``
 (a heavier one), started from data (EM on 20,000 rows, before timing), by
-:func:`pyro_mixflow.fit` on 200,000 synthetic rows at global batch 4096 for ``--steps`` steps,
-without validation, one torch thread per process. With ``R > 1`` processes the script spawns
-them (``torch.multiprocessing``), each calls ``torch.distributed.init_process_group("gloo")``
-and runs the same ``fit``: each rank takes a ``1/R`` share of every batch and the gradients are
-summed over ranks once per step. Reported: optimizer steps per second (rank 0's ``fit`` wall
-clock, after one warm-up run of 5 steps), the speed-up over one process, and the share of the
-machine's CPU time other processes used while the run lasted (``/proc/stat``), since a busy
-machine cannot show the speed-up. The target of the project is at least 1.6 times the
-throughput of one process with 2 processes on 2 cores. Each step costs one ``all_reduce`` of
-the gradients, whose latency (about 1.7 ms for 1,000 floats between two gloo processes on the
-2-core machine of our tables) bounds the gain of a light step.
+:func:`pyro_mixflow.fit` on 200,000 synthetic rows for ``--steps`` steps, without
+validation, one torch thread per process. With ``R > 1`` processes the script spawns them
+(``torch.multiprocessing``), each calls ``torch.distributed.init_process_group("gloo")`` and
+runs the same ``fit``: each rank takes a ``1/R`` share of every batch and the gradients are
+summed over ranks once per step. Two ways to use them: the same global batch of 4096 split in
+``R`` shares (strong scaling: the optimization is that of one process), and 4096 rows per
+process, a global batch of ``4096 R`` (weak scaling: ``DistributedDataParallel``'s
+convention, where the batch size is per process). Reported: optimizer steps and rows per
+second (rank 0's ``fit`` wall clock, after one warm-up run of 5 steps), the speed-up in rows
+per second over one process at batch 4096, and the share of the machine's CPU time other
+processes used while the run lasted (``/proc/stat``), since a busy machine cannot show the
+speed-up. The target of the project is at least 1.6 times the throughput of one process with
+2 processes on 2 cores. Each step costs one ``all_reduce`` of the gradients, whose latency
+(about 1.7 ms for 1,000 floats between two gloo processes on the 2-core machine of our tables)
+bounds the gain of a light step, and each rank pays the per-step cost that does not shrink with
+its share of the batch (the operator dispatch of the flow's many small operations).
 
 Usage::
 
@@ -54,44 +59,53 @@ def rows(quick: bool) -> torch.Tensor:
 MODELS = {"gmm": lambda: GMM(DIM, COMPONENTS), "flow": lambda: MixtureFlow(DIM)}
 
 
-def train(model_name: str, steps: int, quick: bool) -> float:
-    """Steps per second of ``fit`` in this process (distributed if a group is initialized)."""
+def train(model_name: str, steps: int, quick: bool, batch: int = BATCH) -> float:
+    """Steps per second of ``fit`` at global batch ``batch`` (distributed in a process group)."""
     torch.manual_seed(SEED)
     data = rows(quick)
     model = MODELS[model_name]().init_from_data(data[:20_000])
-    options = {"batch_size": BATCH, "validation": None, "progress": False, "seed": SEED}
+    options = {"batch_size": batch, "validation": None, "progress": False, "seed": SEED}
     fit(model, data, steps=5, **options)  # warm-up
     history = fit(model, data, steps=steps, **options)
     return steps / history.seconds
 
 
 def worker(
-    rank: int, world_size: int, init_file: str, out_file: str, model: str, steps: int, quick: bool
+    rank: int,
+    world_size: int,
+    init_file: str,
+    out_file: str,
+    model: str,
+    steps: int,
+    quick: bool,
+    batch: int,
 ):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        rate = train(model, steps, quick)
+        rate = train(model, steps, quick, batch)
         if rank == 0:
             Path(out_file).write_text(json.dumps({"steps_per_second": rate}))
     finally:
         dist.destroy_process_group()
 
 
-def run(model: str, world_size: int, steps: int, quick: bool) -> tuple[float, float]:
-    """Steps per second with ``world_size`` processes, and the other processes' CPU share."""
+def run(
+    model: str, world_size: int, steps: int, quick: bool, batch: int = BATCH
+) -> tuple[float, float]:
+    """Steps per second of ``world_size`` processes at global batch ``batch``; others' CPU share."""
     (busy0, own0), children0 = busy_cpu_seconds(), sum(os.times()[2:4])
     start = time.perf_counter()
     if world_size == 1:
         torch.set_num_threads(1)
-        rate = train(model, steps, quick)
+        rate = train(model, steps, quick, batch)
     else:
         with tempfile.TemporaryDirectory() as folder:
             out_file = os.path.join(folder, "result.json")
             init_file = os.path.join(folder, "init")
-            args = (world_size, init_file, out_file, model, steps, quick)
+            args = (world_size, init_file, out_file, model, steps, quick, batch)
             mp.spawn(worker, args=args, nprocs=world_size)
             rate = json.loads(Path(out_file).read_text())["steps_per_second"]
     wall = time.perf_counter() - start
@@ -111,20 +125,35 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     steps = args.steps or (20 if args.quick else 300)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {(m, r): run(m, r, steps, args.quick) for m in args.models for r in args.processes}
+    # (model, processes, batch per process) -> (steps / s, other processes' CPU share)
+    cases = [
+        (m, r, per)
+        for m in args.models
+        for r in args.processes
+        for per in sorted({BATCH // r, BATCH})
+        if r > 1 or per == BATCH
+    ]
+    results = {(m, r, per): run(m, r, steps, args.quick, per * r) for m, r, per in cases}
+    base = {m: results[(m, 1, BATCH)][0] * BATCH for m in args.models if (m, 1, BATCH) in results}
     lines = [
         "# Data-parallel `fit` on CPU processes (gloo)",
         "",
         f"Generated by `benchmarks/distributed.py`. {environment_line()}.",
-        f"`nn.GMM({DIM}, {COMPONENTS})` (gmm) and `nn.MixtureFlow({DIM})` (flow), global batch "
-        f"{BATCH}, {steps} timed steps, one thread per process.",
+        f"`nn.GMM({DIM}, {COMPONENTS})` (gmm) and `nn.MixtureFlow({DIM})` (flow), {steps} timed "
+        "steps, one thread per process. Two ways to use R processes: the same global batch "
+        f"of {BATCH} split into R shares (the same optimization as one process: strong "
+        f"scaling), or {BATCH} rows per process, a global batch of {BATCH} R "
+        "(DistributedDataParallel's convention: weak scaling). Speed-up: rows per second "
+        f"against one process at batch {BATCH}.",
         "",
-        "| model | processes | steps / s | speed-up | CPU share of other processes |",
-        "|---|---:|---:|---:|---:|",
+        "| model | processes | rows per process per step | global batch | steps / s | rows / s "
+        "| speed-up | CPU share of other processes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {m} | {r} | {rate:.1f} | {rate / results[(m, min(args.processes))][0]:.2f} | "
-            f"{other:.0%} |"
-            for (m, r), (rate, other) in results.items()
+            f"| {m} | {r} | {per} | {per * r} | {rate:.1f} | {rate * per * r:,.0f} | "
+            f"{rate * per * r / base[m]:.2f} | {other:.0%} |"
+            for (m, r, per), (rate, other) in results.items()
+            if m in base
         ),
     ]
     text = "\n".join(lines) + "\n"
@@ -133,20 +162,22 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
 
 
-def save_figure(results: dict[tuple[str, int], tuple[float, float]], path: Path) -> None:
+def save_figure(results: dict[tuple[str, int, int], tuple[float, float]], path: Path) -> None:
+    """Bars of rows per second for every model, process count and batch per process."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({m for m, _ in results})
-    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3), squeeze=False)
+    models = sorted({m for m, _, _ in results})
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        processes = [r for m, r in results if m == model]
-        ax.bar([str(r) for r in processes], [results[(model, r)][0] for r in processes])
-        ax.set_xlabel("processes")
-        ax.set_ylabel("optimizer steps / s")
-        ax.set_title(f"fit, {model}, batch {BATCH}", fontsize=9)
+        keys = [key for key in results if key[0] == model]
+        labels = [f"{r} proc.\n{per}/proc." for _, r, per in keys]
+        ax.bar(labels, [results[key][0] * key[1] * key[2] for key in keys])
+        ax.set_ylabel("rows / s")
+        ax.set_title(f"fit, {model}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -443,7 +443,7 @@ def test_every_mixture_guide_validates_its_init_options_once(cls, monkeypatch):
     monkeypatch.setattr(InitOptions, "__post_init__", lambda self: checks.append(check(self)))
     guide = cls(plated_model, init_loc_fn=init_to_mean, init_scale=2, init_ess=0.2)
     assert len(checks) == 1
-    assert guide._init_options == InitOptions(init_to_mean, 2.0, 1.0, 0.2, 10000)
+    assert guide._init_options == InitOptions(init_to_mean, 2.0, 1.0, 0.2, "tempered", 10000)
 
 
 @pytest.mark.parametrize("cls", MIXTURE_GUIDES)
@@ -452,13 +452,14 @@ def test_mixture_guide_defaults_are_the_documented_ones(cls):
     assert inspect.signature(cls).parameters["num_components"].default == 16
     guide = cls(plated_model)
     assert guide._init_options == InitOptions()
-    assert InitOptions() == InitOptions(init_to_median_or_origin, None, 1.0, 0.1, 10000)
+    assert InitOptions() == InitOptions(init_to_median_or_origin, None, 1.0, 0.1, "tempered", 10000)
     documented = inspect.getdoc(AutoGaussianMixture)
     for field, default in [
         ("init_loc_fn", "init_to_median_or_origin"),
         ("init_scale", "None"),
         ("init_spread", "1.0"),
         ("init_ess", "0.1"),
+        ("init_method", '"tempered"'),
         ("quantile_samples", "10000"),
     ]:
         assert f"``{field}`` (``{default}``)" in documented
@@ -564,3 +565,67 @@ def test_flat_prior_four_modes_end_at_the_right_shares():
         assert (shares.shares - torch.tensor([0.4, 0.3, 0.2, 0.1])).abs().max() < 0.05, seed
         report = importance_diagnostics(_flat_prior_four_modes, guide, num_samples=3000)
         assert abs(report.log_evidence) < 0.05, seed
+
+
+FAR_MODES = 60 * torch.rand(8, 12, generator=torch.Generator().manual_seed(1)) - 30
+
+
+def _far_modes_model():
+    """Eight unit Gaussians at random points of [-30, 30]^12 (equal weights), as a wide
+    N(0, 30^2) prior plus a factor: no prior draw comes near a mode."""
+    target = DiagNormalMixture(FAR_MODES, torch.ones(8, 12), torch.zeros(8))
+    prior = dist.Normal(torch.zeros(12), 30.0).to_event(1)
+    x = pyro.sample("x", prior)
+    pyro.factor("target", target.log_prob(x) - prior.log_prob(x))
+
+
+def _start_means(guide):
+    """The starting components' means in the unconstrained space."""
+    locs = guide.locs.detach()
+    if isinstance(guide, AutoMixtureBaseFlow):  # stored standardized
+        locs = guide.center + guide.spread * locs
+    return locs
+
+
+def test_annealed_start_puts_components_on_modes_no_prior_draw_reaches():
+    """The tempered start leaves every component far from the modes (the reweighted prior
+    draws are nowhere near one); the annealed start carries the draws there."""
+    nearest = {}
+    for method in ("tempered", "annealed"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoGaussianMixture(_far_modes_model, num_components=16, init_method=method)
+        guide()
+        distance = torch.cdist(_start_means(guide), FAR_MODES)  # [K, modes]
+        nearest[method] = distance.min(0).values  # each mode's nearest component
+    assert (nearest["tempered"] > 10.0).all(), nearest["tempered"]
+    # a unit Gaussian in 12-D puts its draws about 3.5 from its mean
+    assert (nearest["annealed"] < 2.0).all(), nearest["annealed"]
+    assert 1 <= guide._init_stages <= 100
+
+
+@pytest.mark.parametrize("cls", [AutoGaussianMixture, AutoMixtureBaseFlow])
+def test_annealed_start_on_a_flat_prior_and_a_plate(cls):
+    """Improper sites take the broad reference's density on the ladder; plated models run
+    under the particle plate."""
+    pyro.set_rng_seed(0)
+    guide = cls(_flat_prior_four_modes, num_components=8, init_method="annealed")
+    guide()
+    assert (torch.cdist(FOUR_MODES, _start_means(guide)).min(-1).values < 1.0).all()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = cls(_absolute_value_model, num_components=4, init_method="annealed")
+    guide()
+    theta = _start_means(guide).flatten()
+    assert (theta > 1.0).any() and (theta < -1.0).any(), theta  # both mirror modes (|theta| ~ 2)
+
+
+def test_annealed_start_refuses_a_model_that_does_not_broadcast():
+    def scalar_model():
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        pyro.factor("f", torch.tensor([theta.item()]).sum() * 0.0 - theta**2)
+
+    with pytest.raises(ValueError, match="init_method='annealed' runs the model on a batch"):
+        AutoGaussianMixture(scalar_model, num_components=2, init_method="annealed")()
+    with pytest.raises(ValueError, match="`init_method` must be one of"):
+        AutoGaussianMixture(scalar_model, num_components=2, init_method="smc")

@@ -40,9 +40,10 @@ class AutoClassifierWeightedMixture(AutoMixture):
             modes of ``benchmarks/svi.py``'s label-switching posterior on 3 of 3 seeds).
         hidden_dims: Widths of the classifier's hidden layers.
         activation: Activation module class between layers.
-        **init_options: ``init_loc_fn``, ``init_scale``, ``init_spread``, ``init_ess`` and
-            ``quantile_samples`` (here the draws of the Monte Carlo :meth:`median` and
-            :meth:`quantiles`), keyword-only, as in :class:`AutoGaussianMixture`.
+        **init_options: ``init_loc_fn``, ``init_scale``, ``init_spread``, ``init_ess``,
+            ``init_method`` and ``quantile_samples`` (here the draws of the Monte Carlo
+            :meth:`median` and :meth:`quantiles`), keyword-only, as in
+            :class:`AutoGaussianMixture`.
 
     Example:
         >>> import pyro, pyro.distributions as dist

@@ -129,6 +129,22 @@ class AutoGaussianMixture(AutoMixture):
               assumes that the likelihood dominates the prior at :math:`\beta`; keep this
               well below 1 (with ``init_ess`` near 1, :math:`\beta` is near 0 and the scales
               start tiny).
+            * ``init_method`` (``"tempered"``): how the start explores the posterior.
+              ``"tempered"`` is the importance-weighted start above (``N`` model runs).
+              ``"annealed"`` carries the ``N`` reference draws along a tempering ladder from
+              the prior (or the broad reference) to the posterior with Langevin moves, as in
+              annealed importance sampling, and fits EM to where they end, unweighted (the
+              mixture weights are then learned): it finds modes that no prior draw comes near,
+              at the cost of 6 vectorized model runs (with gradients) of ``N`` particles per
+              stage of the ladder (5 to 10 stages on the targets of ``benchmarks/svi.py``,
+              more for a posterior far narrower than the prior); the model must broadcast over
+              a plate to the left of its own, as for
+              :class:`~pyro_mixflow.infer.RaoBlackwellELBO`. On a 40-mode Gaussian mixture in
+              50 dimensions (means uniform in :math:`[-40, 40]^{50}`, prior
+              :math:`\mathcal N(0, 40^2 I)`, K = 64), the tempered start put components near
+              none of the modes and Adam could not bring them there in 3000 steps (0 of 40
+              modes); the annealed start put a component within 3 of 39 modes, and 300 steps
+              later 38 of 40 modes had their share within ±0.02 (log Z error -0.02).
             * ``quantile_samples`` (``10000``): draws of the Monte Carlo :meth:`median` and
               :meth:`quantiles` of the guides without closed-form quantiles (this guide's are
               exact and do not use it).

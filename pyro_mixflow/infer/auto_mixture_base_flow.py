@@ -57,9 +57,10 @@ class AutoMixtureBaseFlow(AutoGaussianMixture):
             \operatorname{round}(\sqrt D))`), as in :class:`AutoGaussianMixture`.
         estimator: ``"exact"``, ``"gumbel_softmax"`` or ``"straight_through"``.
         temperature: Temperature of the relaxed estimators.
-        **init_options: ``init_loc_fn``, ``init_scale``, ``init_spread``, ``init_ess`` and
-            ``quantile_samples`` (here the draws of the Monte Carlo :meth:`median` and
-            :meth:`quantiles`), keyword-only, as in :class:`AutoGaussianMixture`.
+        **init_options: ``init_loc_fn``, ``init_scale``, ``init_spread``, ``init_ess``,
+            ``init_method`` and ``quantile_samples`` (here the draws of the Monte Carlo
+            :meth:`median` and :meth:`quantiles`), keyword-only, as in
+            :class:`AutoGaussianMixture`.
 
     Example:
         >>> import pyro, pyro.distributions as dist

@@ -2,7 +2,7 @@ r"""An evidence lower bound with the guide's mixture index summed out (Rao-Black
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import pyro.poutine as poutine
@@ -13,7 +13,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to
 
-__all__ = ["RaoBlackwellELBO"]
+__all__ = ["LatentScores", "RaoBlackwellELBO", "score_latents"]
 
 
 class RaoBlackwellELBO(ELBO):
@@ -168,44 +168,81 @@ class RaoBlackwellELBO(ELBO):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         values, log_weights = posterior.rao_blackwell((self.num_particles,))  # [S, K, D], [S, K]
         num_particles, num_components, dim = values.shape
-        n = num_particles * num_components
-        nesting = int(self.max_plate_nesting)
-        latent = values.reshape((n,) + (1,) * nesting + (dim,))
-
-        conditioned, log_det = {}, values.new_zeros(n)
-        for site, unconstrained in guide._unpack_latent(latent):
-            transform = biject_to(site["fn"].support)
-            value = transform(unconstrained)
-            ladj = transform.log_abs_det_jacobian(unconstrained, value)
-            ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
-            log_det = log_det + _per_particle(ladj, n)
-            conditioned[site["name"]] = value
-
-        def particle_model() -> Any:
-            with pyro.plate("_rao_blackwell_particles", n, dim=-(nesting + 1)):
-                return model(*args, **kwargs)
-
-        model_trace = poutine.trace(poutine.condition(particle_model, conditioned)).get_trace()
-        model_trace = prune_subsample_sites(model_trace)
-        model_trace.compute_log_prob()
-        log_joint = values.new_zeros(n)
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if not site["is_observed"]:
-                raise ValueError(
-                    f"model site {name!r} is neither observed nor a latent of the guide; "
-                    "RaoBlackwellELBO supports continuous latents covered by the guide only"
-                )
-            log_joint = log_joint + _per_particle(site["log_prob"], n)
-
+        scores = score_latents(
+            model, guide, values.reshape(-1, dim), int(self.max_plate_nesting), args, kwargs
+        )
         log_weights_flat = log_weights.reshape(num_particles, num_components)
-        branch = (log_joint + log_det).reshape(num_particles, num_components)
+        branch = (scores.log_joint + scores.log_det).reshape(num_particles, num_components)
         entropy_part = posterior.rao_blackwell_log_prob(values, log_weights)  # [S]
         return (log_weights_flat.exp() * branch).sum(-1) - entropy_part
 
     def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError("RaoBlackwellELBO evaluates branch values, not guide traces")
+
+
+class LatentScores(NamedTuple):
+    """The model's log-densities at ``n`` unconstrained latent vectors (each ``(n,)``)."""
+
+    log_joint: torch.Tensor  # log p(T(u), y): every site of the model
+    log_det: torch.Tensor  # log |det J_T(u)|
+    latent_log_prob: dict[str, torch.Tensor]  # each latent site's own log-density at T(u)
+    latent_log_det: dict[str, torch.Tensor]  # each latent site's part of log_det
+
+
+def score_latents(
+    model: Any,
+    guide: AutoContinuous,
+    values: torch.Tensor,
+    max_plate_nesting: int,
+    args: tuple,
+    kwargs: dict,
+) -> LatentScores:
+    """The model's log-densities at ``values`` ``(n, D)``, in one vectorized run of the model.
+
+    The rows are unpacked by the guide's prototype into the model's latent sites, mapped to
+    their supports (``biject_to``), and the model runs once under a plate of size ``n`` to the
+    left of its own ``max_plate_nesting`` plates, conditioned on them (it must broadcast over
+    that plate, as for Pyro's ``vectorize_particles``). Differentiable in ``values`` and in
+    the model's parameters.
+
+    Raises:
+        ValueError: If the model has a latent site the guide does not cover.
+    """
+    n = values.shape[0]
+    latent = values.reshape((n,) + (1,) * max_plate_nesting + values.shape[-1:])
+    conditioned, log_det = {}, values.new_zeros(n)
+    site_log_det = {}
+    for site, unconstrained in guide._unpack_latent(latent):
+        transform = biject_to(site["fn"].support)
+        value = transform(unconstrained)
+        ladj = transform.log_abs_det_jacobian(unconstrained, value)
+        ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
+        site_log_det[site["name"]] = _per_particle(ladj, n)
+        log_det = log_det + site_log_det[site["name"]]
+        conditioned[site["name"]] = value
+
+    def particle_model() -> Any:
+        with pyro.plate("_rao_blackwell_particles", n, dim=-(max_plate_nesting + 1)):
+            return model(*args, **kwargs)
+
+    model_trace = poutine.trace(poutine.condition(particle_model, conditioned)).get_trace()
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    log_joint = values.new_zeros(n)
+    latent_log_prob = {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if not site["is_observed"]:
+            raise ValueError(
+                f"model site {name!r} is neither observed nor a latent of the guide; "
+                "RaoBlackwellELBO supports continuous latents covered by the guide only"
+            )
+        term = _per_particle(site["log_prob"], n)
+        if name in conditioned:
+            latent_log_prob[name] = term
+        log_joint = log_joint + term
+    return LatentScores(log_joint, log_det, latent_log_prob, site_log_det)
 
 
 def _posterior_of(guide: AutoContinuous, args: tuple, kwargs: dict) -> Any:
