@@ -562,3 +562,16 @@ def _set_autoguide(guide, name, loc, scale):
             guide.loc.copy_(loc.reshape(-1))
             guide.scale = torch.full_like(guide.loc, scale)
             guide.scale_tril = torch.eye(len(guide.loc), dtype=guide.loc.dtype)
+
+
+def test_the_reference_row_is_never_flagged_and_its_k_hat_only_noted():
+    """Below a guide, the reference is a noisy estimate, not a guide missing mass."""
+    exact = ImportanceDiagnostics.from_log_weights(torch.zeros(100, dtype=torch.float64))
+    uniform = torch.rand(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    heavy = -1.2 * uniform.log() - 8.0  # Pareto weights of tail index 1/1.2: k-hat near 1.2
+    reference = ImportanceDiagnostics.from_log_weights(heavy)
+    result = RestartComparison.from_diagnostics([exact, reference], reference=True)
+    assert result.gaps[1] > 0 and result.flagged == (False, False)
+    assert result.unreliable[1] and result.ok
+    assert "The reference's importance weights are heavy-tailed" in result.message
+    assert "agree" in result.message

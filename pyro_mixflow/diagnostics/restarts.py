@@ -120,6 +120,8 @@ class RestartComparison:
             ses.append(se)
             missed.append(-math.expm1(-gap))
             flagged.append(gap > z_threshold * se and gap > min_gap)
+        if reference:  # the reference is no guide: below a guide, it is just a noisy estimate
+            flagged[-1] = False
         return cls(
             diagnostics=diagnostics,
             best=best,
@@ -143,8 +145,9 @@ class RestartComparison:
 
     @property
     def ok(self) -> bool:
-        r"""No restart is flagged and every :math:`\hat k` is below its threshold."""
-        return not any(self.flagged) and not any(self.unreliable)
+        r"""No restart is flagged and every guide's :math:`\hat k` is below its threshold."""
+        guides = self.unreliable[:-1] if self.reference else self.unreliable
+        return not any(self.flagged) and not any(guides)
 
     @property
     def message(self) -> str:
@@ -176,6 +179,15 @@ class RestartComparison:
                 "more restarts, and check again."
             )
         unreliable = [r for r, u in enumerate(self.unreliable) if u]
+        notes = []
+        if self.reference and unreliable and unreliable[-1] == len(self.diagnostics) - 1:
+            unreliable.pop()
+            notes.append(
+                f"The reference's importance weights are heavy-tailed (Pareto k = "
+                f"{self.diagnostics[-1].pareto_k:.2f}): its log-evidence is noisy, so the check "
+                f"against it is weak (it can miss mass, rarely invent it); more "
+                f"`reference_samples` sharpen it."
+            )
         if unreliable:
             ks = ", ".join(f"{self.diagnostics[r].pareto_k:.2f}" for r in unreliable)
             lines.append(
@@ -191,7 +203,7 @@ class RestartComparison:
                 f"Pareto k. This supports, but does not prove, that no restart misses posterior "
                 f"mass: restarts that all miss the same mode agree too."
             )
-        return "\n".join(lines)
+        return "\n".join(lines + notes)
 
     def __repr__(self) -> str:
         header = (
