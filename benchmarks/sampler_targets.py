@@ -90,13 +90,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -119,6 +117,7 @@ from pyro_mixflow.infer import AutoGaussianMixture, AutoMixtureBaseFlow, RaoBlac
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import density as density_benchmark
+from _runs import load_runs, record_each, save_run
 
 TARGETS = ("funnel", "gmm40", "many_well")
 GUIDES = {
@@ -627,33 +626,21 @@ def run(
             **target.truth,
         }
     bar = tqdm(total=len(pairs) * len(seeds), desc="sampler_targets", mininterval=1.0)
-    for seed in seeds:  # seeds outermost: a cut run holds every pair for its first seeds
-        for name, guide_name in pairs:
-            bar.set_postfix_str(f"{name} / {guide_name} / {seed}")
-            try:
-                record = train_and_score(targets[name], guide_name, seed, budget)
-            except Exception as exc:  # a failing guide is a result, not a crash
-                traceback.print_exc()
-                record = Record(name, guide_name, seed)
-                record.error = f"{type(exc).__name__}: {str(exc).partition(chr(10))[0][:200]}"
-            result["records"].append(asdict(record))
-            result["runtime"] = time.time() - started
-            _save(out, tag, result)
-            bar.update()
-    bar.close()
-    result["complete"] = True
-    result["runtime"] = time.time() - started
-    result["load_after"] = os.getloadavg()
-    _save(out, tag, result)
+
+    def job(seed: int, name: str, guide_name: str) -> tuple[str, Callable, Callable]:
+        def failed(message: str) -> Record:
+            return Record(name, guide_name, seed, error=message)
+
+        return (
+            f"{name} / {guide_name} / {seed}",
+            lambda: train_and_score(targets[name], guide_name, seed, budget),
+            failed,
+        )
+
+    # seeds outermost: a cut run holds every pair for its first seeds
+    jobs = (job(seed, name, g) for seed in seeds for name, g in pairs)
+    record_each(jobs, result, lambda: save_run(out, "sampler_targets", tag, result), bar)
     return result
-
-
-def _save(out: Path, tag: str | None, result: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("sampler_targets.json" if tag is None else f"sampler_targets-{tag}.json")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, separators=(",", ":"), allow_nan=True) + "\n")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,25 +648,8 @@ def _save(out: Path, tag: str | None, result: dict[str, Any]) -> None:
 
 
 def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Reads runs (oldest first); refuses to mix budgets.
-
-    Args:
-        paths: ``sampler_targets-<tag>.json`` files (one run each) or ``sampler_targets.json``
-            (``{"runs": [...]}``).
-
-    Returns:
-        The runs.
-    """
-    runs = []
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        runs += data["runs"] if "runs" in data else [{**data, "source": Path(path).name}]
-    if not runs:
-        raise SystemExit("no sampler_targets-*.json results to report")
-    runs.sort(key=lambda r: r["started"])
-    if any(r["budget"] != runs[0]["budget"] for r in runs):
-        raise SystemExit("refusing to combine runs with different budgets")
-    return runs
+    """Reads runs (oldest first); refuses to mix budgets (see ``_runs.load_runs``)."""
+    return load_runs(paths, "sampler_targets")
 
 
 def report(runs: list[dict[str, Any]], out: Path) -> str:
@@ -709,7 +679,7 @@ def report(runs: list[dict[str, Any]], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sampler_targets.md").write_text(markdown)
     _figure(records, truth, names, guides, out / "sampler_targets.png")
-    _save(out, None, {"runs": shown_runs})
+    save_run(out, "sampler_targets", None, {"runs": shown_runs})
     return markdown
 
 

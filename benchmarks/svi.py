@@ -85,13 +85,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -121,6 +119,7 @@ from pyro_mixflow.diagnostics import compare_restarts, importance_diagnostics, m
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import density as density_benchmark
+from _runs import load_runs, record_each, save_run
 
 from pyro_mixflow.infer import (
     AutoClassifierWeightedMixture,
@@ -559,35 +558,21 @@ def run(
             "mode_mass": None if target.mode_mass is None else target.mode_mass.tolist(),
             **target.truth,
         }
+
+    def job(seed: int, name: str, guide_name: str) -> tuple[str, Callable, Callable]:
+        def failed(message: str) -> Record:
+            return Record(name, guide_name, seed, error=message)
+
+        return (
+            f"{name} / {guide_name} / {seed}",
+            lambda: train_and_score(targets[name], guide_name, seed, budget),
+            failed,
+        )
+
     # Seeds outermost: a run cut short still holds every (target, guide) pair for its first seeds.
-    for seed in seeds:
-        for name, target in targets.items():
-            for guide_name in guides:
-                bar.set_postfix_str(f"{name} / {guide_name} / {seed}")
-                try:
-                    record = train_and_score(target, guide_name, seed, budget)
-                except Exception as exc:  # a failing guide is a result, not a crash
-                    traceback.print_exc()
-                    record = Record(name, guide_name, seed)
-                    record.error = f"{type(exc).__name__}: {str(exc).partition(chr(10))[0][:200]}"
-                result["records"].append(asdict(record))
-                result["runtime"] = time.time() - started
-                _save(out, tag, result)
-                bar.update()
-    bar.close()
-    result["complete"] = True
-    result["runtime"] = time.time() - started
-    result["load_after"] = os.getloadavg()
-    _save(out, tag, result)
+    jobs = (job(seed, name, g) for seed in seeds for name in targets for g in guides)
+    record_each(jobs, result, lambda: save_run(out, "svi", tag, result), bar)
     return result
-
-
-def _save(out: Path, tag: str | None, result: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("svi.json" if tag is None else f"svi-{tag}.json")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, separators=(",", ":"), allow_nan=True) + "\n")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,21 +580,8 @@ def _save(out: Path, tag: str | None, result: dict[str, Any]) -> None:
 
 
 def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Reads runs (oldest first); refuses to mix budgets.
-
-    A file holds one process's run (``svi-<tag>.json``) or the runs a report shows
-    (``svi.json``: ``{"runs": [...]}``).
-    """
-    runs = []
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        runs += data["runs"] if "runs" in data else [{**data, "source": Path(path).name}]
-    if not runs:
-        raise SystemExit("no svi-*.json results to report")
-    runs.sort(key=lambda r: r["started"])
-    if any(r["budget"] != runs[0]["budget"] for r in runs):
-        raise SystemExit("refusing to combine runs with different budgets")
-    return runs
+    """Reads runs (oldest first); refuses to mix budgets (see ``_runs.load_runs``)."""
+    return load_runs(paths, "svi")
 
 
 def report(runs: list[dict[str, Any]], out: Path) -> str:
@@ -636,7 +608,7 @@ def report(runs: list[dict[str, Any]], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "svi.md").write_text(markdown)
     _figure(records, truth, names, guides, out / "svi.png")
-    _save(out, None, {"runs": runs})
+    save_run(out, "svi", None, {"runs": runs})
     return markdown
 
 
