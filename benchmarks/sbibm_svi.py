@@ -77,7 +77,6 @@ Needs sbibm (``pip install --no-deps sbibm future autograd``) and scikit-learn.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import multiprocessing as mp
@@ -113,6 +112,9 @@ from threadpoolctl import threadpool_limits
 
 import pyro_mixflow
 from pyro_mixflow.infer import AutoGaussianMixture, AutoMixtureBaseFlow, RaoBlackwellELBO
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import load_runs, save_run
 
 TASKS = ("two_moons", "slcp", "gaussian_mixture", "bernoulli_glm")
 GUIDES = {
@@ -654,11 +656,7 @@ def _collect(
 
 
 def _save(out: Path, tag: str | None, result: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("sbibm_svi.json" if tag is None else f"sbibm_svi-{tag}.json")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, separators=(",", ":"), allow_nan=True) + "\n")
-    tmp.replace(path)
+    save_run(out, "sbibm_svi", tag, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,25 +664,8 @@ def _save(out: Path, tag: str | None, result: dict[str, Any]) -> None:
 
 
 def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Reads runs (oldest first); refuses to mix budgets.
-
-    Args:
-        paths: ``sbibm_svi-<tag>.json`` files (one process each) or ``sbibm_svi.json`` (the runs
-            a report shows, ``{"runs": [...]}``).
-
-    Returns:
-        The runs, oldest first, each with the file it came from.
-    """
-    runs = []
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        runs += data["runs"] if "runs" in data else [{**data, "source": Path(path).name}]
-    if not runs:
-        raise SystemExit("no sbibm_svi-*.json results to report")
-    runs.sort(key=lambda r: r["started"])
-    if any(r["budget"] != runs[0]["budget"] for r in runs):
-        raise SystemExit("refusing to combine runs with different budgets")
-    return runs
+    """Reads runs (oldest first); refuses to mix budgets (see ``_runs.load_runs``)."""
+    return load_runs(paths, "sbibm_svi")
 
 
 def report(runs: list[dict[str, Any]], out: Path) -> str:
