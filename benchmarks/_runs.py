@@ -7,8 +7,11 @@ key wins) into ``<stem>.json``, ``{"runs": [...]}``, from which it can be render
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -80,3 +83,57 @@ def record_each(
     result["runtime"] = time.time() - started
     result["load_after"] = os.getloadavg()
     save()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, stem: str) -> None:
+    """The options every record-keeping benchmark takes: threads, tag, report."""
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
+    parser.add_argument("--tag", default=None, help="name of this process's JSON")
+    parser.add_argument("--no-report", action="store_true", help="write the JSON only")
+    parser.add_argument(
+        "--report",
+        nargs="*",
+        type=Path,
+        metavar="JSON",
+        help=f"combine these results (default: {stem}.json and every {stem}-*.json in --out) "
+        "into the report, without running anything",
+    )
+
+
+def output_folder(args: argparse.Namespace, stem: str, script: str) -> Path:
+    """``--out``, else ``benchmarks/results`` (a temporary folder with ``--quick``)."""
+    if args.out is not None:
+        return args.out
+    if args.quick:
+        return Path(tempfile.gettempdir()) / f"pyro_mixflow-{stem}-quick"
+    return Path(script).resolve().parent / "results"
+
+
+def report_paths(args: argparse.Namespace, stem: str) -> list[Path]:
+    """The run files ``--report`` combines: those given, else ``<stem>.json`` and its parts."""
+    if args.report:
+        return list(args.report)
+    candidates = [args.out / f"{stem}.json", *sorted(args.out.glob(f"{stem}-*.json"))]
+    return [p for p in candidates if p.exists()]
+
+
+def run_tag(
+    args: argparse.Namespace, items: list[str], methods: list[str], every: list[str]
+) -> str:
+    """The run's name: ``--tag``, else the items and (unless all) the methods, ``quick-`` first."""
+    tag = args.tag or "+".join(items) + ("" if methods == every else "-" + "+".join(methods))
+    return "quick-" + tag if args.quick else tag
+
+
+def run_meta(
+    args: argparse.Namespace, argv: Sequence[str] | None, versions: dict, cpu: str
+) -> dict[str, Any]:
+    """What a run stores about where it ran."""
+    return {
+        "versions": versions,
+        "quick": args.quick,
+        "threads": args.threads,
+        "cpu": cpu,
+        "load_before": os.getloadavg(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+    }

@@ -93,7 +93,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -117,7 +116,16 @@ from pyro_mixflow.infer import AutoGaussianMixture, AutoMixtureBaseFlow, RaoBlac
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import density as density_benchmark
-from _runs import load_runs, record_each, save_run
+from _runs import (
+    add_run_arguments,
+    load_runs,
+    output_folder,
+    record_each,
+    report_paths,
+    run_meta,
+    run_tag,
+    save_run,
+)
 
 TARGETS = ("funnel", "gmm40", "many_well")
 GUIDES = {
@@ -998,31 +1006,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
     parser.add_argument("--lr", type=float, default=None, help="override Adam's learning rate")
-    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
-    parser.add_argument("--tag", default=None, help="name of this process's JSON")
-    parser.add_argument("--no-report", action="store_true", help="write the JSON only")
-    parser.add_argument(
-        "--report",
-        nargs="*",
-        type=Path,
-        metavar="JSON",
-        help="combine these results (default: sampler_targets.json and every "
-        "sampler_targets-*.json in --out) into the report, without running anything",
-    )
+    add_run_arguments(parser, "sampler_targets")
     args = parser.parse_args(argv)
-    if args.out is None:
-        quick_out = Path(tempfile.gettempdir()) / "pyro_mixflow-sampler_targets-quick"
-        args.out = quick_out if args.quick else Path(__file__).parent / "results"
+    args.out = output_folder(args, "sampler_targets", __file__)
     if args.report is not None:
-        paths = args.report or [
-            p
-            for p in [
-                args.out / "sampler_targets.json",
-                *sorted(args.out.glob("sampler_targets-*.json")),
-            ]
-            if p.exists()
-        ]
-        print(report(load_results(paths), args.out))
+        print(report(load_results(report_paths(args, "sampler_targets")), args.out))
         return 0
 
     torch.set_num_threads(args.threads)
@@ -1033,17 +1021,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(1 if args.quick else args.seeds))
     names = [t for t in TARGETS if t in args.targets]
     guides = [g for g in GUIDES if g in args.guides]
-    tag = args.tag or "+".join(names) + ("" if guides == list(GUIDES) else "-" + "+".join(guides))
-    if args.quick:
-        tag = "quick-" + tag
-    meta = {
-        "versions": density_benchmark.versions(("torch", "pyro-ppl", "scipy", "numpy")),
-        "quick": args.quick,
-        "threads": args.threads,
-        "cpu": f"{density_benchmark._cpu_name()}, {os.cpu_count()} logical CPUs",
-        "load_before": os.getloadavg(),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-    }
+    tag = run_tag(args, names, guides, list(GUIDES))
+    meta = run_meta(
+        args,
+        argv,
+        density_benchmark.versions(("torch", "pyro-ppl", "scipy", "numpy")),
+        f"{density_benchmark._cpu_name()}, {os.cpu_count()} logical CPUs",
+    )
     with threadpool_limits(args.threads):
         result = run(names, guides, seeds, budget, out=args.out, tag=tag, meta=meta)
     print(f"sampler_targets: {result['runtime']:.0f} s; in {args.out}/sampler_targets-{tag}.json")

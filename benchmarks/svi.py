@@ -88,7 +88,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -119,7 +118,16 @@ from pyro_mixflow.diagnostics import compare_restarts, importance_diagnostics, m
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import density as density_benchmark
-from _runs import load_runs, record_each, save_run
+from _runs import (
+    add_run_arguments,
+    load_runs,
+    output_folder,
+    record_each,
+    report_paths,
+    run_meta,
+    run_tag,
+    save_run,
+)
 
 from pyro_mixflow.infer import (
     AutoClassifierWeightedMixture,
@@ -883,26 +891,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guides", nargs="+", choices=list(GUIDES), default=list(GUIDES))
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
-    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
-    parser.add_argument("--tag", default=None, help="name of this process's JSON")
-    parser.add_argument("--no-report", action="store_true", help="write the JSON only")
-    parser.add_argument(
-        "--report",
-        nargs="*",
-        type=Path,
-        metavar="JSON",
-        help="combine these results (default: svi.json and every svi-*.json in --out) into "
-        "svi.md and svi.png, without running anything",
-    )
+    add_run_arguments(parser, "svi")
     args = parser.parse_args(argv)
-    if args.out is None:
-        quick_out = Path(tempfile.gettempdir()) / "pyro_mixflow-svi-quick"
-        args.out = quick_out if args.quick else Path(__file__).parent / "results"
+    args.out = output_folder(args, "svi", __file__)
     if args.report is not None:
-        paths = args.report or [
-            p for p in [args.out / "svi.json", *sorted(args.out.glob("svi-*.json"))] if p.exists()
-        ]
-        print(report(load_results(paths), args.out))
+        print(report(load_results(report_paths(args, "svi")), args.out))
         return 0
 
     torch.set_num_threads(args.threads)
@@ -913,17 +906,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(1 if args.quick else args.seeds))
     names = [t for t in TARGETS if t in args.targets]
     guides = [g for g in GUIDES if g in args.guides]
-    tag = args.tag or "+".join(names) + ("" if guides == list(GUIDES) else "-" + "+".join(guides))
-    if args.quick:
-        tag = "quick-" + tag
-    meta = {
-        "versions": density_benchmark.versions(("torch", "pyro-ppl", "arviz", "numpy")),
-        "quick": args.quick,
-        "threads": args.threads,
-        "cpu": f"{density_benchmark._cpu_name()}, {os.cpu_count()} logical CPUs",
-        "load_before": os.getloadavg(),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-    }
+    tag = run_tag(args, names, guides, list(GUIDES))
+    meta = run_meta(
+        args,
+        argv,
+        density_benchmark.versions(("torch", "pyro-ppl", "arviz", "numpy")),
+        f"{density_benchmark._cpu_name()}, {os.cpu_count()} logical CPUs",
+    )
     with threadpool_limits(args.threads):
         result = run(names, guides, seeds, budget, out=args.out, tag=tag, meta=meta)
     print(f"svi: {result['runtime']:.0f} s; results in {args.out}/svi-{tag}.json")
