@@ -83,7 +83,6 @@ import multiprocessing as mp
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -114,7 +113,15 @@ import pyro_mixflow
 from pyro_mixflow.infer import AutoGaussianMixture, AutoMixtureBaseFlow, RaoBlackwellELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import load_runs, save_run
+from _runs import (
+    add_run_arguments,
+    load_runs,
+    output_folder,
+    report_paths,
+    run_meta,
+    run_tag,
+    save_run,
+)
 
 TASKS = ("two_moons", "slcp", "gaussian_mixture", "bernoulli_glm")
 GUIDES = {
@@ -956,7 +963,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="NUTS's wall clock when no guide ran before it on the task (default 120)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
     parser.add_argument(
         "--jobs", type=int, default=None, help="C2ST worker processes (default 1; quick: 0)"
     )
@@ -966,27 +972,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.cpu_count() or 1,
         help="C2ST worker processes for the scores still queued when training is over",
     )
-    parser.add_argument("--tag", default=None, help="name of this process's JSON")
-    parser.add_argument("--no-report", action="store_true", help="write the JSON only")
-    parser.add_argument(
-        "--report",
-        nargs="*",
-        type=Path,
-        metavar="JSON",
-        help="combine these results (default: sbibm_svi.json and every sbibm_svi-*.json in "
-        "--out) into sbibm_svi.md and sbibm_svi.png, without running anything",
-    )
+    add_run_arguments(parser, "sbibm_svi")
     args = parser.parse_args(argv)
-    if args.out is None:
-        quick_out = Path(tempfile.gettempdir()) / "pyro_mixflow-sbibm_svi-quick"
-        args.out = quick_out if args.quick else Path(__file__).parent / "results"
+    args.out = output_folder(args, "sbibm_svi", __file__)
     if args.report is not None:
-        paths = args.report or [
-            p
-            for p in [args.out / "sbibm_svi.json", *sorted(args.out.glob("sbibm_svi-*.json"))]
-            if p.exists()
-        ]
-        print(report(load_results(paths), args.out))
+        print(report(load_results(report_paths(args, "sbibm_svi")), args.out))
         return 0
 
     torch.set_num_threads(args.threads)
@@ -1001,17 +991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = args.jobs if args.jobs is not None else (0 if args.quick else 1)
     tasks = [t for t in TASKS if t in args.tasks]
     methods = [m for m in GUIDES if m in args.guides]
-    tag = args.tag or "+".join(tasks) + ("" if methods == list(GUIDES) else "-" + "+".join(methods))
-    if args.quick:
-        tag = "quick-" + tag
-    meta = {
-        "versions": _versions(),
-        "quick": args.quick,
-        "threads": args.threads,
-        "cpu": _cpu(),
-        "load_before": os.getloadavg(),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-    }
+    tag = run_tag(args, tasks, methods, list(GUIDES))
+    meta = run_meta(args, argv, _versions(), _cpu())
     with threadpool_limits(args.threads):
         result = _run(
             tasks,
