@@ -137,3 +137,33 @@ def run_meta(
         "load_before": os.getloadavg(),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
+
+
+def panel_grid(rows: Sequence[str], columns: Sequence[str], titles: dict[str, str]) -> tuple:
+    """A figure with one small panel per (row, column), ticks off, columns titled, rows named.
+
+    Returns:
+        ``(figure, axes)``, ``axes[i, j]`` the panel of ``rows[i]`` and ``columns[j]``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(rows),
+        len(columns),
+        figsize=(1.9 * len(columns), 1.9 * len(rows) + 0.5),
+        squeeze=False,
+        layout="constrained",
+    )
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[column].replace(", ", ",\n", 1), fontsize=6)
+            if j == 0:
+                ax.set_ylabel(row, fontsize=8)
+    return fig, axes

@@ -122,6 +122,7 @@ from _runs import (
     add_run_arguments,
     load_runs,
     output_folder,
+    panel_grid,
     record_each,
     report_paths,
     run_meta,
@@ -802,28 +803,13 @@ def _verdicts(records: dict, names: list[str], guides: list[str]) -> list[str]:
 def _figure(
     records: dict, truth: dict[str, Any], names: list[str], guides: list[str], path: Path
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        len(names),
-        len(guides),
-        figsize=(1.9 * len(guides), 1.9 * len(names) + 0.5),
-        squeeze=False,
-        layout="constrained",
-    )
+    fig, axes = panel_grid(names, guides, GUIDES)
     for i, name in enumerate(names):
         xs, ys, density = _truth_grid(name)
         for j, guide in enumerate(guides):
             ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(GUIDES[guide].replace(", ", ",\n", 1), fontsize=6)
-            if j == 0:
-                ax.set_ylabel(name, fontsize=8)
             if density is not None:
                 ax.contour(xs, ys, density, levels=6, colors="0.6", linewidths=0.5)
             modes = truth[name].get("modes")
