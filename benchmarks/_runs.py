@@ -167,3 +167,27 @@ def panel_grid(rows: Sequence[str], columns: Sequence[str], titles: dict[str, st
             if j == 0:
                 ax.set_ylabel(row, fontsize=8)
     return fig, axes
+
+
+def latest_records(
+    runs: Sequence[dict[str, Any]],
+) -> tuple[dict[tuple[str, str, int], dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """Combines runs (oldest first) keyed by ``(target, guide, seed)``: the latest record wins.
+
+    Returns:
+        ``(records, truth, shown_runs)``: the winning record of each key, every run's truth
+        merged, and the runs cut to their winning records (runs left empty dropped), which is
+        what the report stores in ``<stem>.json``.
+    """
+    records: dict[tuple[str, str, int], dict[str, Any]] = {}
+    truth: dict[str, Any] = {}
+    for run in runs:
+        for r in run["records"]:
+            records[r["target"], r["guide"], r["seed"]] = r
+        truth.update(run["truth"])
+    shown_runs = []
+    for run in runs:
+        shown = [r for r in run["records"] if records[r["target"], r["guide"], r["seed"]] is r]
+        if shown:
+            shown_runs.append({**run, "records": shown})
+    return records, truth, shown_runs

@@ -120,6 +120,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import density as density_benchmark
 from _runs import (
     add_run_arguments,
+    latest_records,
     load_runs,
     output_folder,
     panel_grid,
@@ -599,18 +600,7 @@ def report(runs: list[dict[str, Any]], out: Path) -> str:
     The records shown go to ``svi.json`` (runs without a shown record are left out), from which
     ``--report`` renders the same files again.
     """
-    records: dict[tuple[str, str, int], dict[str, Any]] = {}
-    truth: dict[str, Any] = {}
-    for run_ in runs:
-        for r in run_["records"]:
-            records[r["target"], r["guide"], r["seed"]] = r
-        truth.update(run_["truth"])
-    shown_runs = []
-    for run_ in runs:
-        shown = [r for r in run_["records"] if records[r["target"], r["guide"], r["seed"]] is r]
-        if shown:
-            shown_runs.append({**run_, "records": shown})
-    runs = shown_runs
+    records, truth, runs = latest_records(runs)
     names = [t for t in TARGETS if t in truth]
     guides = [g for g in GUIDES if any(key[1] == g for key in records)]
     markdown = _markdown(runs, records, truth, names, guides)
