@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pyro
 import pyro.distributions as dist
@@ -16,6 +17,7 @@ from torch.distributions import Normal, biject_to, constraints
 
 from pyro_mixflow import DiagNormalMixture
 from pyro_mixflow.infer import AutoNormalMixture, RaoBlackwellELBO
+from pyro_mixflow.nn import GMM
 
 NUM_GROUPS = 20
 
@@ -236,10 +238,195 @@ def test_invalid_arguments(kwargs, error, match):
         AutoNormalMixture(conjugate_model, **kwargs)
 
 
-def test_rao_blackwell_elbo_rejects_the_per_element_guide():
-    guide = AutoNormalMixture(conjugate_model)
-    with pytest.raises(TypeError, match="needs an AutoContinuous guide"):
-        RaoBlackwellELBO().loss(conjugate_model, guide, torch.zeros(3))
+def nested_model(y):
+    """Two local sites per group (one positive) and a plate of replicates inside the groups."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("groups", y.shape[-1], dim=-1):
+        theta = pyro.sample("theta", dist.Normal(mu, 2.0))
+        noise = pyro.sample("noise", dist.LogNormal(0.0, 0.5))
+        with pyro.plate("replicates", y.shape[0], dim=-2):
+            pyro.sample("y", dist.Normal(theta.abs(), noise), obs=y)
+
+
+def subsampled_bimodal_model(y, subsample_size=2):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y), subsample_size=subsample_size) as index:
+        theta = pyro.sample("theta", dist.Normal(mu, 2.0))
+        pyro.sample("y", dist.Normal(theta.abs(), 0.5), obs=y[index])
+
+
+def _perturbed_guide(model, *args):
+    guide = AutoNormalMixture(model, num_components=3)
+    guide(*args)
+    with torch.no_grad():
+        for parameter in guide.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return guide
+
+
+def _mean_and_standard_error(estimates):
+    values = torch.stack(estimates)
+    return values.mean(0), values.std(0) / math.sqrt(len(values))
+
+
+@pytest.mark.parametrize(
+    ("model", "args"),
+    [
+        (hierarchical_model, (Y[:5],)),
+        (nested_model, (torch.tensor([[2.0, 1.0, -0.5], [1.5, 0.2, 0.3]]),)),
+        (subsampled_bimodal_model, (Y[:4],)),
+    ],
+    ids=["globals-and-two-locals", "nested-plates", "subsampled"],
+)
+def test_rao_blackwell_elbo_of_the_per_element_guide_is_unbiased(model, args):
+    # The Rao-Blackwellized estimate (each element's index summed out, K^2 rows per particle
+    # for two local sites) against Trace_ELBO's plain Monte Carlo one, same parameters; for
+    # the subsampled model the reference is the full-data ELBO. z-test on the means.
+    torch.set_default_dtype(torch.float64)
+    try:
+        pyro.set_rng_seed(0)
+        pyro.clear_param_store()
+        guide = _perturbed_guide(model, *args)
+        reference_model, reference_guide = model, guide
+        if model is subsampled_bimodal_model:
+            reference_model = partial(subsampled_bimodal_model, subsample_size=None)
+            reference_guide = AutoNormalMixture(reference_model, num_components=3)
+            reference_guide(*args)
+            reference_guide.load_state_dict(guide.state_dict())
+        nesting = 2 if model is nested_model else 1
+        rao_blackwell = RaoBlackwellELBO(num_particles=100, max_plate_nesting=nesting)
+        calls = 200 if model is subsampled_bimodal_model else 40
+        ours = _mean_and_standard_error(
+            [rao_blackwell.elbo_terms(model, guide, *args).mean() for _ in range(calls)]
+        )
+        trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=nesting)
+        plain = _mean_and_standard_error(
+            [torch.tensor(-trace.loss(reference_model, reference_guide, *args)) for _ in range(20)]
+        )
+        z = (ours[0] - plain[0]) / (ours[1] ** 2 + plain[1] ** 2).sqrt()
+        assert abs(z) < 4, (ours, plain)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_rao_blackwell_gradient_of_the_weights_is_unbiased():
+    # The weights' gradient: exact sum over branches (ours) against Trace_ELBO's implicit
+    # reparameterization through the draws, for the same parameters; z-test per logit.
+    torch.set_default_dtype(torch.float64)
+    try:
+        pyro.set_rng_seed(1)
+        pyro.clear_param_store()
+        y = torch.tensor([2.0, 1.0, -0.5])
+        guide = _perturbed_guide(bimodal_model, y)
+
+        def gradient(elbo, num_particles):
+            guide.zero_grad()
+            elbo.differentiable_loss(bimodal_model, guide, y).backward()
+            return guide.logits.theta.grad.clone()
+
+        rao_blackwell = RaoBlackwellELBO(num_particles=200, max_plate_nesting=1)
+        trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
+        ours = _mean_and_standard_error([gradient(rao_blackwell, 200) for _ in range(40)])
+        plain = _mean_and_standard_error([gradient(trace, 4000) for _ in range(40)])
+        z = (ours[0] - plain[0]) / (ours[1] ** 2 + plain[1] ** 2).sqrt()
+        assert bool((z.abs() < 4).all()), z
+        assert bool((ours[1] < plain[1]).all())  # and it is less noisy at 1/20 of the draws
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_rao_blackwell_elbo_of_an_amortized_mixture_encoder_is_unbiased():
+    # A VAE-like guide: a conditional nn.GMM encodes each observation into a mixture, inside a
+    # subsampled and scaled plate (as tutorials/vae_mixture_encoder.py); z-test against
+    # Trace_ELBO for the same networks and mini-batch.
+    torch.set_default_dtype(torch.float64)
+    try:
+        pyro.set_rng_seed(0)
+        pyro.clear_param_store()
+        size, features = 6, 3
+        x = torch.randn(size, features)
+        decoder = torch.nn.Linear(2, features)
+        encoder = GMM(2, 3, context_dim=features, hidden_dims=(8,))
+        with torch.no_grad():
+            for parameter in encoder.parameters():
+                parameter.add_(0.3 * torch.randn_like(parameter))
+
+        def model(x, index):
+            pyro.module("decoder", decoder)
+            with pyro.plate("data", size, subsample=index), poutine.scale(scale=1 / size):
+                prior = dist.Normal(x.new_zeros(len(index), 2), 1.0).to_event(1)
+                z = pyro.sample("z", prior)
+                pyro.sample("x", dist.Normal(decoder(z.abs()), 0.5).to_event(1), obs=x[index])
+
+        def guide(x, index):
+            pyro.module("encoder", encoder)
+            with pyro.plate("data", size, subsample=index), poutine.scale(scale=1 / size):
+                pyro.sample("z", encoder(x[index]))
+
+        index = torch.tensor([0, 2, 5])
+        rao_blackwell = RaoBlackwellELBO(num_particles=200, max_plate_nesting=1)
+        ours = _mean_and_standard_error(
+            [rao_blackwell.elbo_terms(model, guide, x, index).mean().detach() for _ in range(40)]
+        )
+        trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
+        plain = _mean_and_standard_error(
+            [torch.tensor(-trace.loss(model, guide, x, index)) for _ in range(20)]
+        )
+        z = (ours[0] - plain[0]) / (ours[1] ** 2 + plain[1] ** 2).sqrt()
+        assert abs(z) < 4, (ours, plain)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_rao_blackwell_elbo_splits_every_element_between_its_modes():
+    # The bimodal posterior of the test above, trained 600 steps with one particle (two model
+    # rows per step): every element's share of the positive mode ends within 0.02 of 1/2.
+    # Measured, 4 seeds: at most 0.0045, root mean square 0.0013-0.0017; Trace_ELBO with
+    # 32 particles at the same steps and rates: at most 0.14-0.18, root mean square 0.06-0.08.
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    y = torch.full((NUM_GROUPS,), 2.0)
+    guide = AutoNormalMixture(bimodal_model, 2, init_loc_fn=init_to_mean)
+    steps = 600
+    optim = pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.1 ** (1 / steps)})
+    svi = SVI(bimodal_model, guide, optim, RaoBlackwellELBO(max_plate_nesting=1))
+    for _ in range(steps):
+        svi.step(y)
+    with torch.no_grad():
+        mixture = guide.mixture("theta")
+        positive = Normal(0.0, 1.0).cdf(mixture.locs / mixture.scales)[..., 0]  # [N, K]
+        shares = (mixture.probs * positive).sum(-1)
+    assert bool(((shares - 0.5).abs() < 0.02).all()), shares
+
+
+def test_rao_blackwell_elbo_refuses_what_it_cannot_weight():
+    def pooled_model(y):  # a term outside the plate sees every element of theta
+        with pyro.plate("data", len(y)):
+            theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        pyro.sample("total", dist.Normal(theta.sum(-1, keepdim=True), 1.0), obs=y.sum())
+
+    def unplated_model(y):  # a batch dimension that is no plate
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(len(y)), 1.0).to_event(0))
+        pyro.sample("y", dist.Normal(theta, 1.0).to_event(1), obs=y)
+
+    y = torch.tensor([1.0, 2.0, 3.0])
+    elbo = RaoBlackwellELBO(max_plate_nesting=1)
+    with pytest.raises(ValueError, match=r"'total' .* depends on the latent site 'theta'"):
+        elbo.loss(pooled_model, AutoNormalMixture(pooled_model), y)
+    with pytest.raises(ValueError, match=r"batch dimension -1 of size 3 that is no pyro\.plate"):
+        elbo.loss(unplated_model, AutoNormalMixture(unplated_model), y)
+    with pytest.raises(TypeError, match=r"found no index to sum out in AutoNormal"):
+        elbo.loss(pooled_model, AutoNormal(pooled_model), y)
+
+    def auxiliary_guide(y):  # the model's site is computed from an auxiliary mixture draw
+        with pyro.plate("data", len(y)):
+            locs, scales = torch.zeros(len(y), 2, 1), torch.ones(len(y), 2, 1)
+            mixture = DiagNormalMixture(locs, scales, torch.zeros(len(y), 2))
+            u = pyro.sample("u", mixture, infer={"is_auxiliary": True})
+            pyro.sample("theta", dist.Delta(u[..., 0]))
+
+    with pytest.raises(TypeError, match=r"mixture sites \['u'\] are auxiliary"):
+        elbo.loss(pooled_model, auxiliary_guide, y)
 
 
 def test_invalid_quantiles():
