@@ -265,19 +265,16 @@ class AutoNormalMixture(AutoGuide):
                 scale *= plate.size / plate.subsample_size
             if name in local:  # one draw per element and component, on its own grid axis
                 axis = local.index(name)
-                locs = mixture.locs.movedim(-2, 0)  # [K, *B, D]
-                noise = torch.randn(
-                    (num_particles,) + locs.shape, dtype=locs.dtype, device=locs.device
-                )
-                flat = locs + mixture.scales.movedim(-2, 0) * noise  # [S, K, *B, D]
-                log_weights = mixture.logits.movedim(-1, 0).unsqueeze(0)  # [1, K, *B]
+                flat, log_weights, log_q = _branch_draws(
+                    mixture.expand((1,) + batch_shape), num_particles
+                )  # [S, K, *B, D], [1, K, *B], [S, K, *B]
                 spread = (num_particles,) + (1,) * axis + (num_components,)
                 spread += (1,) * (len(local) - axis - 1)
             else:  # one draw per particle, on every row
                 axis, log_weights = None, None
                 flat = mixture.rsample((num_particles,))  # [S, *B, D]
+                log_q = mixture.log_prob(flat)  # [S, *B]
                 spread = (num_particles,) + (1,) * len(local)
-            log_q = mixture.log_prob(flat)  # [S, (K,) *B]
             unconstrained = flat.reshape(flat.shape[:-1] + self._event_shapes[name])
             transform = biject_to(site["fn"].support)
             value = transform(unconstrained)
@@ -414,6 +411,32 @@ class SiteBranches(NamedTuple):
     batch_shape: torch.Size  # B
     plates: frozenset[str]  # the names of the site's plates
     axis: int | None  # the site's grid axis (after the particles); None: global
+
+
+def _branch_draws(
+    mixture: DiagNormalMixture, num_particles: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""One reparameterized draw from each component of a batch of mixtures, per particle.
+
+    :math:`u^{(k)} = \mu_k + \sigma_k \odot \varepsilon_k`, :math:`\varepsilon_k \sim
+    \mathcal{N}(0, I)`, with the mixture's weights and its density at every draw: the
+    branches a Rao-Blackwellized estimate weights, :math:`\sum_k w_k f(u^{(k)})`.
+
+    Args:
+        mixture: Batch shape ``(P, *B)`` with ``P`` 1 or ``num_particles``.
+        num_particles: Particles ``S``.
+
+    Returns:
+        Draws ``(S, K, *B, D)``, log-weights ``(P, K, *B)`` and the mixture's log-density at
+        the draws ``(S, K, *B)``.
+    """
+    locs = mixture.locs.movedim(-2, 1)  # [P, K, *B, D]
+    shape = (num_particles,) + locs.shape[1:]
+    noise = torch.randn(shape, dtype=locs.dtype, device=locs.device)
+    draws = locs + mixture.scales.movedim(-2, 1) * noise
+    per_particle = mixture.expand((num_particles,) + mixture.batch_shape[1:])
+    log_q = per_particle.log_prob(draws.movedim(1, 0)).movedim(0, 1)
+    return draws, mixture.logits.movedim(-1, 1), log_q
 
 
 def _plate_frames(site: dict) -> list[Any]:

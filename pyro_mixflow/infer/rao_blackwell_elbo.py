@@ -15,7 +15,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import biject_to
 
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
-from pyro_mixflow.infer.auto_normal_mixture import AutoNormalMixture, SiteBranches
+from pyro_mixflow.infer.auto_normal_mixture import AutoNormalMixture, SiteBranches, _branch_draws
 
 __all__ = ["LatentScores", "RaoBlackwellELBO", "score_latents"]
 
@@ -428,12 +428,7 @@ def _guide_site_branches(
         batch_shape = fn.batch_shape[1:]  # right of the particles: the model's plate dims
         if name in local:
             axis = local.index(name)
-            shape = fn.batch_shape + fn.logits.shape[-1:] + fn.event_shape  # [S, *B, K, D]
-            locs = fn.locs.expand(shape).movedim(-2, 1)  # [S, K, *B, D]
-            noise = torch.randn(locs.shape, dtype=locs.dtype, device=locs.device)
-            flat = locs + fn.scales.expand(shape).movedim(-2, 1) * noise
-            log_weights = fn.logits.expand(shape[:-1]).movedim(-1, 1)  # [S, K, *B]
-            log_q = fn.log_prob(flat.movedim(1, 0)).movedim(0, 1)  # [S, K, *B]
+            flat, log_weights, log_q = _branch_draws(fn, num_particles)  # [S, K, *B, (D)]
             spread = (num_particles,) + (1,) * axis + grid[1 + axis : 2 + axis]
             spread += (1,) * (len(local) - axis - 1)
             value = flat.reshape(spread + flat.shape[2:])
