@@ -415,6 +415,10 @@ def test_rao_blackwell_elbo_refuses_what_it_cannot_weight():
         elbo.loss(pooled_model, AutoNormalMixture(pooled_model), y)
     with pytest.raises(ValueError, match=r"batch dimension -1 of size 3 that is no pyro\.plate"):
         elbo.loss(unplated_model, AutoNormalMixture(unplated_model), y)
+    with pytest.raises(ValueError, match=r"`stick_the_landing` applies to AutoContinuous"):
+        RaoBlackwellELBO(stick_the_landing=True).loss(
+            bimodal_model, AutoNormalMixture(bimodal_model), y
+        )
     with pytest.raises(TypeError, match=r"found no index to sum out in AutoNormal"):
         elbo.loss(pooled_model, AutoNormal(pooled_model), y)
 

@@ -100,12 +100,14 @@ def _exact_elbo(guide, size=601, width=9.0):
 
 
 @pytest.mark.slow
-def test_rao_blackwell_gradient_is_unbiased():
-    """The mean RB gradient equals the gradient of the ELBO computed by quadrature."""
+@pytest.mark.parametrize("stick_the_landing", [False, True])
+def test_rao_blackwell_gradient_is_unbiased(stick_the_landing):
+    """The mean RB gradient equals the gradient of the ELBO computed by quadrature, with the
+    entropy's score term or without it (sticking the landing)."""
     guide = _perturbed(AutoGaussianMixture(plated_model, num_components=3))
     params = list(guide.parameters())
     exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(_exact_elbo(guide), params)])
-    loss = RaoBlackwellELBO(num_particles=64)
+    loss = RaoBlackwellELBO(num_particles=64, stick_the_landing=stick_the_landing)
     torch.manual_seed(2)
     draws = []
     for _ in range(100):
@@ -118,6 +120,30 @@ def test_rao_blackwell_gradient_is_unbiased():
     # Power: a 10% error in the weights' gradient (the last K entries) would be caught.
     weights = slice(-guide.num_components, None)
     assert bool((0.1 * exact[weights].abs() > Z_THRESHOLD * se[weights]).any())
+
+
+def test_sticking_the_landing_has_no_gradient_noise_at_the_posterior():
+    """Where the guide is the posterior, log p - log q is constant: without the score term
+    every draw's gradient is zero; with it (the default), each draw's is not."""
+
+    def model():
+        pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+
+    guide = AutoGaussianMixture(model, num_components=2)
+    guide()
+    guide.double()
+    with torch.no_grad():
+        guide.locs.zero_()  # both components N(0, 1): q is the posterior
+        guide.scales = torch.ones(2, 1, dtype=torch.float64)
+    params = list(guide.parameters())
+    torch.manual_seed(0)
+    for stick_the_landing, noisy in ((True, False), (False, True)):
+        elbo = RaoBlackwellELBO(num_particles=4, stick_the_landing=stick_the_landing)
+        loss = elbo.differentiable_loss(model, guide)
+        largest = max(g.abs().max() for g in torch.autograd.grad(loss, params))
+        assert (largest > 1e-3) == noisy, (stick_the_landing, largest)
+    with pytest.raises(TypeError, match="`stick_the_landing` must be a bool"):
+        RaoBlackwellELBO(stick_the_landing=1)
 
 
 def test_enumerated_joint_density_would_be_wrong():
