@@ -269,6 +269,19 @@ def _mean_and_standard_error(estimates):
     return values.mean(0), values.std(0) / math.sqrt(len(values))
 
 
+def _assert_same_mean(ours, plain):
+    """z-test of two (mean, standard error) pairs, elementwise."""
+    z = (ours[0] - plain[0]) / (ours[1] ** 2 + plain[1] ** 2).sqrt()
+    assert bool((z.abs() < 4).all()), (ours, plain)
+
+
+@pytest.fixture
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 @pytest.mark.parametrize(
     ("model", "args"),
     [
@@ -278,104 +291,89 @@ def _mean_and_standard_error(estimates):
     ],
     ids=["globals-and-two-locals", "nested-plates", "subsampled"],
 )
-def test_rao_blackwell_elbo_of_the_per_element_guide_is_unbiased(model, args):
+def test_rao_blackwell_elbo_of_the_per_element_guide_is_unbiased(float64, model, args):
     # The Rao-Blackwellized estimate (each element's index summed out, K^2 rows per particle
     # for two local sites) against Trace_ELBO's plain Monte Carlo one, same parameters; for
     # the subsampled model the reference is the full-data ELBO. z-test on the means.
-    torch.set_default_dtype(torch.float64)
-    try:
-        pyro.set_rng_seed(0)
-        pyro.clear_param_store()
-        guide = _perturbed_guide(model, *args)
-        reference_model, reference_guide = model, guide
-        if model is subsampled_bimodal_model:
-            reference_model = partial(subsampled_bimodal_model, subsample_size=None)
-            reference_guide = AutoNormalMixture(reference_model, num_components=3)
-            reference_guide(*args)
-            reference_guide.load_state_dict(guide.state_dict())
-        nesting = 2 if model is nested_model else 1
-        rao_blackwell = RaoBlackwellELBO(num_particles=100, max_plate_nesting=nesting)
-        calls = 200 if model is subsampled_bimodal_model else 40
-        ours = _mean_and_standard_error(
-            [rao_blackwell.elbo_terms(model, guide, *args).mean() for _ in range(calls)]
-        )
-        trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=nesting)
-        plain = _mean_and_standard_error(
-            [torch.tensor(-trace.loss(reference_model, reference_guide, *args)) for _ in range(20)]
-        )
-        z = (ours[0] - plain[0]) / (ours[1] ** 2 + plain[1] ** 2).sqrt()
-        assert abs(z) < 4, (ours, plain)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    guide = _perturbed_guide(model, *args)
+    reference_model, reference_guide = model, guide
+    if model is subsampled_bimodal_model:
+        reference_model = partial(subsampled_bimodal_model, subsample_size=None)
+        reference_guide = AutoNormalMixture(reference_model, num_components=3)
+        reference_guide(*args)
+        reference_guide.load_state_dict(guide.state_dict())
+    nesting = 2 if model is nested_model else 1
+    rao_blackwell = RaoBlackwellELBO(num_particles=100, max_plate_nesting=nesting)
+    calls = 200 if model is subsampled_bimodal_model else 40
+    ours = _mean_and_standard_error(
+        [rao_blackwell.elbo_terms(model, guide, *args).mean() for _ in range(calls)]
+    )
+    trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=nesting)
+    plain = _mean_and_standard_error(
+        [torch.tensor(-trace.loss(reference_model, reference_guide, *args)) for _ in range(20)]
+    )
+    _assert_same_mean(ours, plain)
 
 
-def test_rao_blackwell_gradient_of_the_weights_is_unbiased():
+def test_rao_blackwell_gradient_of_the_weights_is_unbiased(float64):
     # The weights' gradient: exact sum over branches (ours) against Trace_ELBO's implicit
     # reparameterization through the draws, for the same parameters; z-test per logit.
-    torch.set_default_dtype(torch.float64)
-    try:
-        pyro.set_rng_seed(1)
-        pyro.clear_param_store()
-        y = torch.tensor([2.0, 1.0, -0.5])
-        guide = _perturbed_guide(bimodal_model, y)
+    pyro.set_rng_seed(1)
+    pyro.clear_param_store()
+    y = torch.tensor([2.0, 1.0, -0.5])
+    guide = _perturbed_guide(bimodal_model, y)
 
-        def gradient(elbo, num_particles):
-            guide.zero_grad()
-            elbo.differentiable_loss(bimodal_model, guide, y).backward()
-            return guide.logits.theta.grad.clone()
+    def gradient(elbo):
+        guide.zero_grad()
+        elbo.differentiable_loss(bimodal_model, guide, y).backward()
+        return guide.logits.theta.grad.clone()
 
-        rao_blackwell = RaoBlackwellELBO(num_particles=200, max_plate_nesting=1)
-        trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
-        ours = _mean_and_standard_error([gradient(rao_blackwell, 200) for _ in range(40)])
-        plain = _mean_and_standard_error([gradient(trace, 4000) for _ in range(40)])
-        z = (ours[0] - plain[0]) / (ours[1] ** 2 + plain[1] ** 2).sqrt()
-        assert bool((z.abs() < 4).all()), z
-        assert bool((ours[1] < plain[1]).all())  # and it is less noisy at 1/20 of the draws
-    finally:
-        torch.set_default_dtype(torch.float32)
+    rao_blackwell = RaoBlackwellELBO(num_particles=200, max_plate_nesting=1)
+    trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
+    ours = _mean_and_standard_error([gradient(rao_blackwell) for _ in range(40)])
+    plain = _mean_and_standard_error([gradient(trace) for _ in range(40)])
+    _assert_same_mean(ours, plain)
+    assert bool((ours[1] < plain[1]).all())  # and it is less noisy at 1/20 of the draws
 
 
-def test_rao_blackwell_elbo_of_an_amortized_mixture_encoder_is_unbiased():
+def test_rao_blackwell_elbo_of_an_amortized_mixture_encoder_is_unbiased(float64):
     # A VAE-like guide: a conditional nn.GMM encodes each observation into a mixture, inside a
     # subsampled and scaled plate (as tutorials/vae_mixture_encoder.py); z-test against
     # Trace_ELBO for the same networks and mini-batch.
-    torch.set_default_dtype(torch.float64)
-    try:
-        pyro.set_rng_seed(0)
-        pyro.clear_param_store()
-        size, features = 6, 3
-        x = torch.randn(size, features)
-        decoder = torch.nn.Linear(2, features)
-        encoder = GMM(2, 3, context_dim=features, hidden_dims=(8,))
-        with torch.no_grad():
-            for parameter in encoder.parameters():
-                parameter.add_(0.3 * torch.randn_like(parameter))
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    size, features = 6, 3
+    x = torch.randn(size, features)
+    decoder = torch.nn.Linear(2, features)
+    encoder = GMM(2, 3, context_dim=features, hidden_dims=(8,))
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
 
-        def model(x, index):
-            pyro.module("decoder", decoder)
-            with pyro.plate("data", size, subsample=index), poutine.scale(scale=1 / size):
-                prior = dist.Normal(x.new_zeros(len(index), 2), 1.0).to_event(1)
-                z = pyro.sample("z", prior)
-                pyro.sample("x", dist.Normal(decoder(z.abs()), 0.5).to_event(1), obs=x[index])
+    def model(x, index):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", size, subsample=index), poutine.scale(scale=1 / size):
+            prior = dist.Normal(x.new_zeros(len(index), 2), 1.0).to_event(1)
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Normal(decoder(z.abs()), 0.5).to_event(1), obs=x[index])
 
-        def guide(x, index):
-            pyro.module("encoder", encoder)
-            with pyro.plate("data", size, subsample=index), poutine.scale(scale=1 / size):
-                pyro.sample("z", encoder(x[index]))
+    def guide(x, index):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", size, subsample=index), poutine.scale(scale=1 / size):
+            pyro.sample("z", encoder(x[index]))
 
-        index = torch.tensor([0, 2, 5])
-        rao_blackwell = RaoBlackwellELBO(num_particles=200, max_plate_nesting=1)
-        ours = _mean_and_standard_error(
-            [rao_blackwell.elbo_terms(model, guide, x, index).mean().detach() for _ in range(40)]
-        )
-        trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
-        plain = _mean_and_standard_error(
-            [torch.tensor(-trace.loss(model, guide, x, index)) for _ in range(20)]
-        )
-        z = (ours[0] - plain[0]) / (ours[1] ** 2 + plain[1] ** 2).sqrt()
-        assert abs(z) < 4, (ours, plain)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    index = torch.tensor([0, 2, 5])
+    rao_blackwell = RaoBlackwellELBO(num_particles=200, max_plate_nesting=1)
+    ours = _mean_and_standard_error(
+        [rao_blackwell.elbo_terms(model, guide, x, index).mean().detach() for _ in range(40)]
+    )
+    trace = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
+    plain = _mean_and_standard_error(
+        [torch.tensor(-trace.loss(model, guide, x, index)) for _ in range(20)]
+    )
+    _assert_same_mean(ours, plain)
 
 
 def test_rao_blackwell_elbo_splits_every_element_between_its_modes():
