@@ -23,7 +23,7 @@ from torch.distributions import Normal, biject_to
 from pyro_mixflow._checks import check_non_negative_float, check_positive_int
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
 
-__all__ = ["AutoNormalMixture", "SiteBranches"]
+__all__ = ["AutoNormalMixture", "SiteBranches", "component_draws"]
 
 
 class AutoNormalMixture(AutoGuide):
@@ -232,7 +232,7 @@ class AutoNormalMixture(AutoGuide):
             >>> guide = AutoNormalMixture(model, num_components=2)
             >>> (branches,) = guide.rao_blackwell(3, torch.ones(5))
             >>> branches.value.shape, branches.log_weights.shape, branches.axis
-            (torch.Size([6, 5]), torch.Size([1, 2, 5]), 0)
+            (torch.Size([6, 5]), torch.Size([3, 2, 5]), 0)
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
@@ -265,9 +265,9 @@ class AutoNormalMixture(AutoGuide):
                 scale *= plate.size / plate.subsample_size
             if name in local:  # one draw per element and component, on its own grid axis
                 axis = local.index(name)
-                flat, log_weights, log_q = _branch_draws(
+                flat, log_weights, log_q = component_draws(
                     mixture.expand((1,) + batch_shape), num_particles
-                )  # [S, K, *B, D], [1, K, *B], [S, K, *B]
+                )  # [S, K, *B, D], [S, K, *B], [S, K, *B]
                 spread = (num_particles,) + (1,) * axis + (num_components,)
                 spread += (1,) * (len(local) - axis - 1)
             else:  # one draw per particle, on every row
@@ -406,37 +406,41 @@ class SiteBranches(NamedTuple):
 
     name: str
     value: torch.Tensor  # [R, *B, *E]: the constrained value on every row
-    log_weights: torch.Tensor | None  # [S or 1, K, *B]: log w of each element's components
+    log_weights: torch.Tensor | None  # [S, K, *B]: log w of each element's components
     guide_log_density: torch.Tensor  # local [S, K, *B], global [S, *B]: scale (log q - log|J|)
     batch_shape: torch.Size  # B
     plates: frozenset[str]  # the names of the site's plates
     axis: int | None  # the site's grid axis (after the particles); None: global
 
 
-def _branch_draws(
+def component_draws(
     mixture: DiagNormalMixture, num_particles: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""One reparameterized draw from each component of a batch of mixtures, per particle.
 
     :math:`u^{(k)} = \mu_k + \sigma_k \odot \varepsilon_k`, :math:`\varepsilon_k \sim
-    \mathcal{N}(0, I)`, with the mixture's weights and its density at every draw: the
-    branches a Rao-Blackwellized estimate weights, :math:`\sum_k w_k f(u^{(k)})`.
+    \mathcal{N}(0, I)` (the mixture's ``rao_blackwell``), with the weights and the mixture's
+    density at every draw: the branches a Rao-Blackwellized estimate weights,
+    :math:`\sum_k w_k f(u^{(k)})`, with the component axis second.
 
     Args:
         mixture: Batch shape ``(P, *B)`` with ``P`` 1 or ``num_particles``.
         num_particles: Particles ``S``.
 
     Returns:
-        Draws ``(S, K, *B, D)``, log-weights ``(P, K, *B)`` and the mixture's log-density at
+        Draws ``(S, K, *B, D)``, log-weights ``(S, K, *B)`` and the mixture's log-density at
         the draws ``(S, K, *B)``.
+
+    Example:
+        >>> mixture = DiagNormalMixture(torch.zeros(1, 5, 2, 3), torch.ones(1, 5, 2, 3),
+        ...                             torch.zeros(1, 5, 2))
+        >>> [tuple(t.shape) for t in component_draws(mixture, 4)]
+        [(4, 2, 5, 3), (4, 2, 5), (4, 2, 5)]
     """
-    locs = mixture.locs.movedim(-2, 1)  # [P, K, *B, D]
-    shape = (num_particles,) + locs.shape[1:]
-    noise = torch.randn(shape, dtype=locs.dtype, device=locs.device)
-    draws = locs + mixture.scales.movedim(-2, 1) * noise
     per_particle = mixture.expand((num_particles,) + mixture.batch_shape[1:])
-    log_q = per_particle.log_prob(draws.movedim(1, 0)).movedim(0, 1)
-    return draws, mixture.logits.movedim(-1, 1), log_q
+    values, log_weights = per_particle.rao_blackwell()  # [S, *B, K, D], [S, *B, K]
+    log_q = per_particle.log_prob(values.movedim(-2, 0)).movedim(0, 1)  # [S, K, *B]
+    return values.movedim(-2, 1), log_weights.movedim(-1, 1), log_q
 
 
 def _plate_frames(site: dict) -> list[Any]:

@@ -15,7 +15,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import biject_to
 
 from pyro_mixflow.distributions.diag_normal_mixture import DiagNormalMixture
-from pyro_mixflow.infer.auto_normal_mixture import AutoNormalMixture, SiteBranches, _branch_draws
+from pyro_mixflow.infer.auto_normal_mixture import AutoNormalMixture, SiteBranches, component_draws
 
 __all__ = ["LatentScores", "RaoBlackwellELBO", "score_latents"]
 
@@ -367,7 +367,7 @@ def _per_element_elbo_terms(
         for site in local:
             axis = 1 + site.axis
             if site.plates <= plates:  # sees one element of the site: weight by its branch
-                weights = site.log_weights.exp()  # [S or 1, K, *B]
+                weights = site.log_weights.exp()  # [S, K, *B]
                 weights = weights.reshape(
                     weights.shape[:1]
                     + (1,) * (axis - 1)
@@ -448,7 +448,7 @@ def _guide_site_branches(
         batch_shape = fn.batch_shape[1:]  # right of the particles: the model's plate dims
         if name in local:
             axis = local.index(name)
-            flat, log_weights, log_q = _branch_draws(fn, num_particles)  # [S, K, *B, (D)]
+            flat, log_weights, log_q = component_draws(fn, num_particles)  # [S, K, *B, (D)]
             spread = (num_particles,) + (1,) * axis + grid[1 + axis : 2 + axis]
             spread += (1,) * (len(local) - axis - 1)
             value = flat.reshape(spread + flat.shape[2:])
