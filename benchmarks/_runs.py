@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -191,3 +192,19 @@ def latest_records(
         if shown:
             shown_runs.append({**run, "records": shown})
     return records, truth, shown_runs
+
+
+def runs_of(records: dict, name: str, guide: str) -> list[dict[str, Any]]:
+    """The records of one target and guide (keys ``(target, guide, seed)``), by seed."""
+    return [r for (t, g, _), r in sorted(records.items()) if t == name and g == guide]
+
+
+def finite_mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the finite values, ``None`` when there is none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def fmt(value: float | None, spec: str = "+.3f") -> str:
+    """A number for a markdown cell, a dash for a missing one."""
+    return "—" if value is None else format(value, spec)

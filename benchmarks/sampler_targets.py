@@ -118,6 +118,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import density as density_benchmark
 from _runs import (
     add_run_arguments,
+    finite_mean,
+    fmt,
     latest_records,
     load_runs,
     output_folder,
@@ -126,6 +128,7 @@ from _runs import (
     report_paths,
     run_meta,
     run_tag,
+    runs_of,
     save_run,
 )
 
@@ -683,19 +686,6 @@ def report(runs: list[dict[str, Any]], out: Path) -> str:
     return markdown
 
 
-def _runs_of(records: dict, name: str, guide: str) -> list[dict[str, Any]]:
-    return [r for (t, g, _), r in sorted(records.items()) if t == name and g == guide]
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def _fmt(value: float | None, spec: str = "+.3f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _range(values: Sequence[int | None]) -> str:
     found = [v for v in values if v is not None]
     if not found:
@@ -799,7 +789,7 @@ def _target_section(
         density_benchmark._table_header(columns, align="l" + "r" * (len(columns) - 2) + "l"),
     ]
     for guide in guides:
-        rs = _runs_of(records, name, guide)
+        rs = runs_of(records, name, guide)
         if not rs:
             continue
         ok = [r for r in rs if r["log_z_error"] is not None]
@@ -808,31 +798,31 @@ def _target_section(
             note = f"{len(rs) - len(ok)} of {len(rs)} seeds failed: {note}"
         cells = [
             GUIDES[guide],
-            _fmt(_mean([r["log_z_error"] for r in ok])),
-            _fmt(_mean([r["elbo_error"] for r in ok])),
+            fmt(finite_mean([r["log_z_error"] for r in ok])),
+            fmt(finite_mean([r["elbo_error"] for r in ok])),
         ]
         if name == "funnel":
-            cells.append(_fmt(_mean([r["var_v"] for r in ok]), ".2f"))
+            cells.append(fmt(finite_mean([r["var_v"] for r in ok]), ".2f"))
         elif name == "gmm40":
             cells += [
                 _range([r["modes_ok"] for r in ok]),
                 _range([r["modes_ok_near"] for r in ok]),
                 _range([r["modes_visited"] for r in ok]),
-                _fmt(_mean([r["max_share_error"] for r in ok]), ".3f"),
+                fmt(finite_mean([r["max_share_error"] for r in ok]), ".3f"),
                 _range([r["start_modes"] for r in ok]),
-                _fmt(_mean([r["start_distance"] for r in ok]), ".1f"),
+                fmt(finite_mean([r["start_distance"] for r in ok]), ".1f"),
             ]
         elif name == "many_well":
             cells += [
-                _fmt(_mean([r["shares"][0] for r in ok if r["shares"]]), ".3f"),
+                fmt(finite_mean([r["shares"][0] for r in ok if r["shares"]]), ".3f"),
                 _range([r["modes_ok"] for r in ok]),
-                _fmt(_mean([r["max_share_error"] for r in ok]), ".3f"),
+                fmt(finite_mean([r["max_share_error"] for r in ok]), ".3f"),
                 _range([r["sign_patterns"] for r in ok]),
             ]
         cells += [
-            _fmt(_mean([r["pareto_k"] for r in ok]), ".2f"),
-            _fmt(_mean([r["seconds"] for r in ok]), ".0f"),
-            _fmt(_mean([r["setup_seconds"] for r in ok]), ".1f"),
+            fmt(finite_mean([r["pareto_k"] for r in ok]), ".2f"),
+            fmt(finite_mean([r["seconds"] for r in ok]), ".0f"),
+            fmt(finite_mean([r["setup_seconds"] for r in ok]), ".1f"),
             note,
         ]
         lines.append(density_benchmark._row(cells))
@@ -852,7 +842,7 @@ def _verdicts(
         return ["- gmm40 (≥ 30 of 40 modes at the right share ±0.02) was not run."]
     parts, best = [], 0
     for guide in guides:
-        rs = [r for r in _runs_of(records, "gmm40", guide) if r["modes_ok"] is not None]
+        rs = [r for r in runs_of(records, "gmm40", guide) if r["modes_ok"] is not None]
         if not rs:
             continue
         met = sum(r["modes_ok_near"] >= GMM_GOAL for r in rs)
@@ -874,7 +864,7 @@ def _verdicts(
         r
         for g in guides
         if g in OURS
-        for r in _runs_of(records, "gmm40", g)
+        for r in runs_of(records, "gmm40", g)
         if r["start_distance"] is not None
     ]
     if best < GMM_GOAL and starts:
@@ -912,7 +902,7 @@ def _figure(
                 ax.contour(xs, ys, density, levels=6, colors="0.6", linewidths=0.5)
             ax.set_xlim(float(xs[0]), float(xs[-1]))
             ax.set_ylim(float(ys[0]), float(ys[-1]))
-            rs = _runs_of(records, name, guide)
+            rs = runs_of(records, name, guide)
             r = next((r for r in rs if r.get("draws")), None)
             if r is None:
                 text = "failed" if rs else "not run"

@@ -120,6 +120,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import density as density_benchmark
 from _runs import (
     add_run_arguments,
+    finite_mean,
+    fmt,
     latest_records,
     load_runs,
     output_folder,
@@ -128,6 +130,7 @@ from _runs import (
     report_paths,
     run_meta,
     run_tag,
+    runs_of,
     save_run,
 )
 
@@ -611,19 +614,6 @@ def report(runs: list[dict[str, Any]], out: Path) -> str:
     return markdown
 
 
-def _runs_of(records: dict, name: str, guide: str) -> list[dict[str, Any]]:
-    return [r for (t, g, _), r in sorted(records.items()) if t == name and g == guide]
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def _fmt(value: float | None, spec: str = "+.3f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _markdown(
     runs: list[dict[str, Any]],
     records: dict[tuple[str, str, int], dict[str, Any]],
@@ -699,7 +689,7 @@ def _markdown(
             density_benchmark._table_header(columns, align="l" + "r" * (len(columns) - 2) + "l"),
         ]
         for guide in guides:
-            rs = _runs_of(records, name, guide)
+            rs = runs_of(records, name, guide)
             if not rs:
                 continue
             ok = [r for r in rs if r["log_z_error"] is not None]
@@ -709,23 +699,23 @@ def _markdown(
                 note = f"{len(rs) - len(ok)} of {len(rs)} seeds failed: {note}"
             cells = [
                 GUIDES[guide],
-                _fmt(_mean([r["log_z_error"] for r in ok])),
-                _fmt(_mean([r["elbo_error"] for r in ok])),
+                fmt(finite_mean([r["log_z_error"] for r in ok])),
+                fmt(finite_mean([r["elbo_error"] for r in ok])),
             ]
             if modes is not None:
                 found = [r["modes_ok"] for r in ok if r["modes_ok"] is not None]
                 cells.append(
                     f"{sum(found) / len(found):.1f} [{min(found)}–{max(found)}]" if found else "—"
                 )
-                cells.append(_fmt(_mean([r["max_share_error"] for r in ok]), ".3f"))
+                cells.append(fmt(finite_mean([r["max_share_error"] for r in ok]), ".3f"))
             if extra_name:
-                cells.append(_fmt(_mean([r["extra"] for r in ok]), ".2f"))
+                cells.append(fmt(finite_mean([r["extra"] for r in ok]), ".2f"))
             if flat:
                 flags = [r.get("flagged") for r in ok if r.get("flagged") is not None]
                 cells.append(f"{sum(flags)}/{len(flags)}" if flags else "—")
             cells += [
-                _fmt(_mean([r["pareto_k"] for r in ok]), ".2f"),
-                _fmt(_mean([r["seconds"] for r in ok]), ".0f"),
+                fmt(finite_mean([r["pareto_k"] for r in ok]), ".2f"),
+                fmt(finite_mean([r["seconds"] for r in ok]), ".0f"),
                 note,
             ]
             lines.append(density_benchmark._row(cells))
@@ -738,8 +728,8 @@ def _verdicts(records: dict, names: list[str], guides: list[str]) -> list[str]:
     lines = []
 
     def seeds_meeting(name: str, guide: str, test: Callable[[dict], bool]) -> tuple[int, int]:
-        rs = [r for r in _runs_of(records, name, guide) if r["log_z_error"] is not None]
-        return sum(test(r) for r in rs), len(_runs_of(records, name, guide))
+        rs = [r for r in runs_of(records, name, guide) if r["log_z_error"] is not None]
+        return sum(test(r) for r in rs), len(runs_of(records, name, guide))
 
     targets = {
         "four_modes": (
@@ -769,21 +759,21 @@ def _verdicts(records: dict, names: list[str], guides: list[str]) -> list[str]:
                 parts.append(f"{GUIDES[guide]} {met}/{total}")
         lines.append(f"- {name}, goal {goal} — seeds meeting it: " + "; ".join(parts) + ".")
     if "funnel" in names and "auto_iaf" in guides:
-        iaf = _runs_of(records, "funnel", "auto_iaf")
-        iaf_err = _mean([r["log_z_error"] for r in iaf])
-        iaf_elbo = _mean([r["elbo_error"] for r in iaf])
+        iaf = runs_of(records, "funnel", "auto_iaf")
+        iaf_err = finite_mean([r["log_z_error"] for r in iaf])
+        iaf_elbo = finite_mean([r["elbo_error"] for r in iaf])
         parts = []
         for guide in guides:
             if guide not in OURS:
                 continue
-            rs = _runs_of(records, "funnel", guide)
+            rs = runs_of(records, "funnel", guide)
             if rs:
-                err = _mean([r["log_z_error"] for r in rs])
-                elbo = _mean([r["elbo_error"] for r in rs])
-                parts.append(f"{GUIDES[guide]} {_fmt(err)} / {_fmt(elbo)}")
+                err = finite_mean([r["log_z_error"] for r in rs])
+                elbo = finite_mean([r["elbo_error"] for r in rs])
+                parts.append(f"{GUIDES[guide]} {fmt(err)} / {fmt(elbo)}")
         lines.append(
-            f"- funnel, goal no worse than AutoIAFNormal (log Z err {_fmt(iaf_err)}, "
-            f"ELBO − log Z {_fmt(iaf_elbo)}): ours (log Z err / ELBO − log Z) "
+            f"- funnel, goal no worse than AutoIAFNormal (log Z err {fmt(iaf_err)}, "
+            f"ELBO − log Z {fmt(iaf_elbo)}): ours (log Z err / ELBO − log Z) "
             + "; ".join(parts)
             + "."
         )
@@ -805,7 +795,7 @@ def _figure(
             modes = truth[name].get("modes")
             if modes is not None and name == "label_switching":
                 ax.scatter([m[0] for m in modes], [m[1] for m in modes], marker="+", c="0.4", s=30)
-            rs = _runs_of(records, name, guide)
+            rs = runs_of(records, name, guide)
             r = next((r for r in rs if r.get("draws")), None)
             if r is None:
                 ax.text(0.5, 0.5, "failed", ha="center", transform=ax.transAxes)
