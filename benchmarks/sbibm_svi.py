@@ -119,6 +119,7 @@ from _runs import (
     add_run_arguments,
     load_runs,
     output_folder,
+    panel_grid,
     report_paths,
     run_meta,
     run_tag,
@@ -860,18 +861,9 @@ def _verdicts(means: dict[tuple[str, str], float], tasks: list[str], methods: li
 
 
 def _figure(figure: dict[str, Any], tasks: list[str], methods: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        len(tasks),
-        len(methods),
-        figsize=(1.9 * len(methods), 1.9 * len(tasks) + 0.4),
-        squeeze=False,
-        layout="constrained",
-    )
+    fig, axes = panel_grid([f"{task}\nθ2 vs θ1" for task in tasks], methods, GUIDES)
     for row, task in zip(axes, tasks, strict=True):
         reference = np.asarray(figure.get(f"{task}/reference", []))
         for ax, method in zip(row, methods, strict=True):
@@ -890,12 +882,6 @@ def _figure(figure: dict[str, Any], tasks: list[str], methods: list[str], path: 
                     low, high = np.quantile(values, [0.005, 0.995])
                     pad = 0.25 * (high - low)
                     limits(low - pad, high + pad)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if task == tasks[0]:
-                ax.set_title(GUIDES[method].replace(", ", ",\n", 1), fontsize=6)
-            if method == methods[0]:
-                ax.set_ylabel(f"{task}\nθ2 vs θ1", fontsize=7)
     fig.suptitle(
         "Draws (color; red: ours) against the reference (black), observation 1,\nfirst two "
         "coordinates; the frame is the reference's 99 % range, padded",

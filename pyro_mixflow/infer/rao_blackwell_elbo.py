@@ -344,13 +344,12 @@ def _per_element_elbo_terms(
     replayed = poutine.replay(poutine.condition(particle_model, conditioned), trace=subsamples)
     model_trace = prune_subsample_sites(poutine.trace(replayed).get_trace())
     model_trace.compute_log_prob()
-    total = sum(  # the guide's part: log q - log|J| per element, weighted by its branches
+    total = -sum(  # the guide's part: log q - log|J| per element, weighted by its branches
         (site.log_weights.exp() * site.guide_log_density).reshape(num_particles, -1).sum(-1)
         if site.axis is not None
         else site.guide_log_density.reshape(num_particles, -1).sum(-1)
         for site in sites
     )
-    total = -total
     names = {site.name for site in sites}
     for name, node in model_trace.nodes.items():
         if node["type"] != "sample":
