@@ -20,6 +20,7 @@ from sbi.inference.posteriors import MCMCPosteriorParameters
 from sbi.neural_nets.estimators import ConditionalDensityEstimator
 
 from pyro_mixflow.sbi import (
+    NUM_COMPONENTS,
     ConditionalModelEstimator,
     density_estimator,
     likelihood_estimator,
@@ -205,6 +206,20 @@ def test_nle_loop_runs_with_our_estimator():
     assert bool(torch.isfinite(potential).all())
     draws = posterior.sample((10,), x=x[0], show_progress_bars=False)
     assert draws.shape == (10, 2)
+
+
+@pytest.mark.parametrize("model", ["gmm", "mixtureflow", "cwm"])
+def test_mixtures_take_the_estimator_default_of_components(model):
+    # NUM_COMPONENTS unless the caller gives num_components; RAD takes no such argument.
+    theta, x = _simulations(100)
+    small = {k: v for k, v in SMALL[model].items() if k != "num_components"}
+    estimator = density_estimator(model, **small)(theta, x)
+    components = estimator.net.base if model == "mixtureflow" else estimator.net
+    assert components.num_components == NUM_COMPONENTS == 10
+    estimator = density_estimator(model, **SMALL[model])(theta, x)
+    components = estimator.net.base if model == "mixtureflow" else estimator.net
+    assert components.num_components == SMALL[model]["num_components"]
+    assert density_estimator("rad", **SMALL["rad"])(theta, x).net.context_dim == 2
 
 
 def test_arguments_are_checked():

@@ -131,10 +131,14 @@ def test_sbi_report_checks_the_targets_per_column_and_overall(monkeypatch, tmp_p
         "two_moons/1000/mdn": cell(0.80, 0.80),
         "slcp/1000/gmm": cell(0.90, 0.92),  # mean 0.91 > nsf 0.85: not met
         "slcp/1000/nsf": cell(0.85, 0.85),
-        "slcp/1000/mdn": cell(0.95, 0.95),
+        "slcp/1000/mdn": cell(0.95, 0.95, 0.5),  # observation 3 is not in the report
+        "slcp/1000/maf": cell(0.5),  # not scored on observation 2 yet: left out
     }
     merged = {"cells": cells, "figure": {}, "environment": ["env"], "config": [{}]}
-    text = bench.report(merged, tmp_path)
+    text = bench.report(bench.restrict(merged, [1, 2]), tmp_path)
+    assert "C2ST mean ± standard error over observations 1-2" in text
+    assert "Not yet scored on every observation: slcp/1000/maf (1 of 2)" in text
+    assert "| sbi maf | – | – | nan |" in text
     assert "two_moons 1,000: ours best GMM (MDN, ours) 0.610, sbi best sbi nsf 0.650: met." in text
     assert "slcp 1,000: ours best GMM (MDN, ours) 0.910, sbi best sbi nsf 0.850: not met." in text
     # Our mean 0.760 is below mdn's 0.875 but not below nsf's 0.750.
@@ -143,6 +147,15 @@ def test_sbi_report_checks_the_targets_per_column_and_overall(monkeypatch, tmp_p
     assert (tmp_path / "sbi.md").read_text() == text
     assert (tmp_path / "sbi.png").exists()
     assert bench.observations("1-3") == [1, 2, 3]
+    # A retrained cell keeps its scores only when it is the same estimator.
+    stored = cell(0.7)
+    assert bench.reproduces(
+        {**stored, "best_validation_loss": 1.5}, {**stored, "best_validation_loss": 1.5}
+    )
+    assert not bench.reproduces(
+        {**stored, "epochs": 4, "best_validation_loss": 1.5},
+        {**stored, "best_validation_loss": 1.5},
+    )
     assert bench.observations("2,7") == [2, 7]
     with pytest.raises(argparse.ArgumentTypeError, match="observations are 1 to 10"):
         bench.observations("0-11")

@@ -170,8 +170,8 @@ def test_zukos_own_gmm_base_drops_the_gradients_ours_keep(conditional):
 
 
 @pytest.mark.parametrize("context_dim", [None, 3])
-@pytest.mark.parametrize("input_dim", [1, 2])
-def test_mixture_flow_with_zuko_splines(input_dim, context_dim):
+@pytest.mark.parametrize(("input_dim", "autoregressive"), [(1, False), (2, False), (3, True)])
+def test_mixture_flow_with_zuko_splines(input_dim, context_dim, autoregressive):
     torch.manual_seed(0)
     model = MixtureFlow(
         input_dim,
@@ -180,7 +180,10 @@ def test_mixture_flow_with_zuko_splines(input_dim, context_dim):
         hidden_dims=(8, 8),
         context_dim=context_dim,
         transforms="zuko",
+        autoregressive=autoregressive,
     )
+    if input_dim > 1:  # a coupling is two passes, an autoregressive layer one per feature
+        assert all(t.passes == (input_dim if autoregressive else 2) for t in model.transforms)
     data = torch.randn(64, input_dim)
     context = None if context_dim is None else torch.randn(64, context_dim)
     model.init_from_data(data, context)
@@ -201,6 +204,8 @@ def test_mixture_flow_with_zuko_splines(input_dim, context_dim):
 def test_mixture_flow_rejects_an_unknown_library():
     with pytest.raises(ValueError, match="`transforms` must be 'nflows' or 'zuko', got 'flowjax'"):
         MixtureFlow(2, 3, transforms="flowjax")
+    with pytest.raises(ValueError, match="`autoregressive=True` needs `transforms='zuko'`"):
+        MixtureFlow(2, 3, autoregressive=True)
 
 
 def test_detection_and_errors():

@@ -72,6 +72,13 @@ class MixtureFlow(DensityModel):
             identity (last layer zero) and used through
             :class:`~pyro_mixflow.transforms.ZukoTransform`. ``"zuko"`` imports zuko, which
             switches torch's argument validation off for the whole process (zuko's choice).
+        autoregressive: With ``transforms="zuko"``, make each spline layer fully
+            autoregressive (zuko's ``passes=None``, the layers of zuko's and sbi's
+            ``zuko_nsf``: feature :math:`d` is transformed given features :math:`< d` in the
+            layer's order, reversed between layers) instead of a coupling. ``log_prob``
+            still costs one network call per layer; ``rsample`` costs :math:`D` (the inverse
+            is solved feature by feature). Passing it with ``transforms="nflows"`` is a
+            ``ValueError``.
 
     Example:
         >>> model = MixtureFlow(2, num_components=4, num_transforms=2, hidden_dims=(16, 16))
@@ -103,11 +110,15 @@ class MixtureFlow(DensityModel):
         estimator: str = "exact",
         context_dim: int | None = None,
         transforms: str = "nflows",
+        autoregressive: bool = False,
     ) -> None:
         super().__init__()
         if transforms not in ("nflows", "zuko"):
             raise ValueError(f"`transforms` must be 'nflows' or 'zuko', got {transforms!r}")
+        if autoregressive and transforms != "zuko":
+            raise ValueError("`autoregressive=True` needs `transforms='zuko'`")
         self.transforms_library = transforms
+        self.autoregressive = bool(autoregressive)
         check_positive_int("num_transforms", num_transforms)
         self.context_dim = check_context_dim(context_dim)
         check_positive_int("num_bins", num_bins)
@@ -129,7 +140,15 @@ class MixtureFlow(DensityModel):
         for i in range(num_transforms):
             if transforms == "zuko":
                 layers.append(
-                    _zuko_spline(input_dim, context_dim, hidden_dims, num_bins, tail_bound, i)
+                    _zuko_spline(
+                        input_dim,
+                        context_dim,
+                        hidden_dims,
+                        num_bins,
+                        tail_bound,
+                        i,
+                        autoregressive=self.autoregressive,
+                    )
                 )
                 continue
             if input_dim == 1 and context_dim is None:
@@ -257,8 +276,12 @@ def _zuko_spline(
     num_bins: int,
     tail_bound: float,
     index: int,
+    *,
+    autoregressive: bool = False,
 ) -> nn.Module:
     """A zuko rational-quadratic spline coupling (layer ``index``), started at the identity.
+
+    ``autoregressive``: a fully autoregressive layer (``passes=None``) instead of a coupling.
 
     Imports zuko, which switches torch's argument validation off for the process.
     """
@@ -269,7 +292,7 @@ def _zuko_spline(
     layer = MaskedAutoregressiveTransform(
         input_dim,
         context_dim or 0,
-        passes=2,
+        passes=None if autoregressive else 2,
         order=order.flip(0) if index % 2 else order,
         univariate=functools.partial(MonotonicRQSTransform, bound=tail_bound),
         shapes=[(num_bins,), (num_bins,), (num_bins - 1,)],
