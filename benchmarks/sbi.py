@@ -29,10 +29,14 @@ estimator, so training seconds are measured while the workers run. The report gi
 of CPU time other processes took while training.
 
 **Outputs** (in ``--out``): ``sbi-<tag>.json`` (one process, rewritten after every cell so
-partial runs survive and resume: cells already there are skipped), then ``--report`` merges
+partial runs survive and resume: cells already there are skipped; a cell trained again, say
+for observations it was not scored on, keeps the scores on record when it reproduces the
+recorded estimator, as seeded one-thread training does), then ``--report`` merges
 every ``sbi-*.json`` into ``sbi.json``, ``sbi.md`` and ``sbi.png`` (or re-renders them from
 ``sbi.json`` alone, as kept in ``benchmarks/results``) (draws of each estimator
-against the reference for observation 1 at the largest budget, one row per task).
+against the reference for observation 1 at the largest budget, one row per task). The report
+covers the observations ``--observations`` names; a cell not scored on all of them is left
+out of the table and listed below it.
 
 Usage::
 
@@ -40,6 +44,7 @@ Usage::
     python benchmarks/sbi.py --tag b --tasks gaussian_mixture
     python benchmarks/sbi.py --report                          # merge and write sbi.{md,png}
     python benchmarks/sbi.py --observations 1-10               # the full protocol (hours)
+    python benchmarks/sbi.py --report --observations 1-10      # its report
     python benchmarks/sbi.py --quick --out DIR                 # smoke test, about a minute
 
 Needs the ``[sbi]`` extra and sbibm (``pip install --no-deps sbibm future autograd``).
