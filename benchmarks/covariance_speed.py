@@ -79,6 +79,7 @@ from speed_memory import (
     malloc_trim,
     read_status_kib,
     reset_peak_rss,
+    run_memory_child,
     shape_label,
 )
 from torch.distributions import (
@@ -107,7 +108,6 @@ TEMPERATURE = 0.5
 MEMORY_CAP_BYTES = 6 * 2**30
 MEMORY_REPEATS = 3
 SMALL_N = 64
-CHILD_TIMEOUT_S = 300.0
 SEED = 0
 
 FULL, FULL_TORCH = "full", "full_torch"
@@ -301,36 +301,6 @@ def measure_memory(spec: dict[str, Any]) -> MemoryResult:
     )
 
 
-def memory_child(conn: Any, spec: dict[str, Any]) -> None:
-    try:
-        result = measure_memory(spec)
-    except BaseException as exc:  # report whatever happened to the parent
-        result = MemoryResult("error", detail=f"{type(exc).__name__}: {exc}"[:200])
-    conn.send(result)
-    conn.close()
-
-
-def run_memory_child(ctx: Any, spec: dict[str, Any]) -> MemoryResult:
-    receiver, sender = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=memory_child, args=(sender, spec))
-    process.start()
-    sender.close()
-    result: MemoryResult | None = None
-    try:
-        if receiver.poll(CHILD_TIMEOUT_S):
-            result = receiver.recv()
-    except EOFError:
-        result = None
-    process.join(10.0)
-    if process.is_alive():
-        process.kill()
-        process.join()
-        return result or MemoryResult("error", detail=f"timeout after {CHILD_TIMEOUT_S:.0f} s")
-    if result is None:  # died without a word: killed (the kernel's OOM killer) or aborted
-        return MemoryResult("oom", detail=f"child exited with code {process.exitcode}")
-    return result
-
-
 def median_peak(results: list[MemoryResult] | None) -> float:
     """Median peak MiB over the children of one case (NaN if any failed or none ran)."""
     if not results or any(r.status != "ok" for r in results):
@@ -519,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
                         "cap_bytes": MEMORY_CAP_BYTES,
                         "use_clear_refs": use_clear_refs,
                     }
-                    result = run_memory_child(ctx, spec)
+                    result = run_memory_child(ctx, spec, measure_memory)
                     memory.setdefault((shape, op, method), []).append(result)
                     print(
                         f"memory {shape_label(shape)} {op} {method}: {fmt_mib([result])} MiB "

@@ -314,18 +314,29 @@ def measure_memory(spec: dict[str, Any]) -> MemoryResult:
     )
 
 
-def memory_child(conn: Connection, spec: dict[str, Any]) -> None:
+def memory_child(
+    conn: Connection, spec: dict[str, Any], measure: Callable[[dict[str, Any]], MemoryResult]
+) -> None:
     try:
-        result = measure_memory(spec)
+        result = measure(spec)
     except BaseException as exc:  # report whatever happened to the parent
         result = MemoryResult("error", detail=f"{type(exc).__name__}: {exc}"[:200])
     conn.send(result)
     conn.close()
 
 
-def run_memory_child(ctx: Any, spec: dict[str, Any]) -> MemoryResult:
+def run_memory_child(
+    ctx: Any,
+    spec: dict[str, Any],
+    measure: Callable[[dict[str, Any]], MemoryResult] = measure_memory,
+) -> MemoryResult:
+    """Runs ``measure(spec)`` in a fresh child of ``ctx``; its result, or why there is none.
+
+    ``measure`` must be a module-level function (the child receives it by reference):
+    ``covariance_speed.py`` passes its own.
+    """
     receiver, sender = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=memory_child, args=(sender, spec))
+    process = ctx.Process(target=memory_child, args=(sender, spec, measure))
     process.start()
     sender.close()
     result: MemoryResult | None = None
