@@ -261,15 +261,23 @@ def test_import_does_not_import_zuko():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
-def test_mixture_flow_with_zuko_splines_saves_and_loads(tmp_path):
+@pytest.mark.parametrize(("input_dim", "autoregressive"), [(2, False), (3, True)])
+def test_mixture_flow_with_zuko_splines_saves_and_loads(tmp_path, input_dim, autoregressive):
     torch.manual_seed(0)
     model = MixtureFlow(
-        2, 3, num_transforms=2, hidden_dims=(8, 8), context_dim=2, transforms="zuko"
+        input_dim,
+        3,
+        num_transforms=2,
+        hidden_dims=(8, 8),
+        context_dim=2,
+        transforms="zuko",
+        autoregressive=autoregressive,
     )
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     save_model(model, tmp_path / "model.pt")
     loaded = load_model(tmp_path / "model.pt")
-    x, context = torch.randn(5, 2), torch.randn(5, 2)
+    x, context = torch.randn(5, input_dim), torch.randn(5, 2)
     assert loaded.init_arguments["transforms"] == "zuko"
+    assert loaded.init_arguments["autoregressive"] is autoregressive
     torch.testing.assert_close(loaded(context).log_prob(x), model(context).log_prob(x))
