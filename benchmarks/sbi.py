@@ -33,8 +33,9 @@ partial runs survive and resume: cells already there are skipped; a cell trained
 for observations it was not scored on, keeps the scores on record when it reproduces the
 recorded estimator, as seeded one-thread training does), then ``--report`` merges
 every ``sbi-*.json`` into ``sbi.json``, ``sbi.md`` and ``sbi.png`` (or re-renders them from
-``sbi.json`` alone, as kept in ``benchmarks/results``) (draws of each estimator
-against the reference for observation 1 at the largest budget, one row per task). The report
+``sbi.json`` alone when there is no ``sbi-*.json``) (draws of each estimator against the
+reference for observation 1 at the largest budget, one row per task). The draws of every
+cell and observation are kept in ``draws/`` for a resumed run. The report
 covers the observations ``--observations`` names; a cell not scored on all of them is left
 out of the table and listed below it.
 
@@ -588,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
     if paths:
         merged = merge(paths)
         (args.out / "sbi.json").write_text(json.dumps(merged, separators=(",", ":")) + "\n")
-    else:  # only the merged records (benchmarks/results keeps no per-process file)
+    else:  # only the merged records (no per-process file in --out)
         merged = json.loads((args.out / "sbi.json").read_text())
     print(report(restrict(merged, args.observations), args.out))
 
