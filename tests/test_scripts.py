@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -134,8 +135,19 @@ def test_sbi_report_checks_the_targets_per_column_and_overall(monkeypatch, tmp_p
         "slcp/1000/mdn": cell(0.95, 0.95, 0.5),  # observation 3 is not in the report
         "slcp/1000/maf": cell(0.5),  # not scored on observation 2 yet: left out
     }
-    merged = {"cells": cells, "figure": {}, "environment": ["env"], "config": [{}]}
+    # Runs with other seeds: slcp's GMM and nsf again (seed 1), mdn scored on one observation.
+    seeds = {
+        "slcp/1000/gmm": {"1": cell(0.80, 0.82)},  # seeds 0 and 1: 0.860
+        "slcp/1000/nsf": {"1": cell(0.95, 0.95)},  # 0.900: met over seeds
+        "slcp/1000/mdn": {"1": cell(0.5)},  # incomplete: dropped
+    }
+    merged = {"cells": cells, "figure": {}, "environment": ["env"], "config": [{}], "seeds": seeds}
     text = bench.report(bench.restrict(merged, [1, 2]), tmp_path)
+    assert "| slcp 1,000 | GMM (MDN, ours) | 0.910 | 0.810 | 0.860 ± 0.050 |" in text
+    assert "| slcp 1,000 | sbi nsf | 0.850 | 0.950 | 0.900 ± 0.050 |" in text
+    assert "| slcp 1,000 | sbi mdn |" not in text
+    assert "Targets over seeds 0, 1:" in text
+    assert "- slcp 1,000: ours best GMM (MDN, ours) 0.860, sbi best sbi nsf 0.900: met." in text
     assert "C2ST mean ± standard error over observations 1-2" in text
     assert "Not yet scored on every observation: slcp/1000/maf (1 of 2)" in text
     assert "| sbi maf | – | – | nan |" in text
@@ -157,5 +169,14 @@ def test_sbi_report_checks_the_targets_per_column_and_overall(monkeypatch, tmp_p
         {**stored, "best_validation_loss": 1.5},
     )
     assert bench.observations("2,7") == [2, 7]
+    # Record files of another seed go beside the table, not into it.
+    for tag, seed, score in (("a", 0, 0.6), ("b", 1, 0.7)):
+        part = {"cells": {"slcp/1000/gmm": cell(score)}, "figure": {"slcp/gmm": [[seed]]}}
+        part |= {"environment": "env", "config": {"seed": seed}}
+        (tmp_path / f"sbi-{tag}.json").write_text(json.dumps(part))
+    merged = bench.merge(sorted(tmp_path.glob("sbi-*.json")))
+    assert merged["cells"]["slcp/1000/gmm"]["c2st"] == {"1": 0.6}
+    assert merged["seeds"] == {"slcp/1000/gmm": {"1": cell(0.7)}}
+    assert merged["figure"] == {"slcp/gmm": [[0]]}
     with pytest.raises(argparse.ArgumentTypeError, match="observations are 1 to 10"):
         bench.observations("0-11")
