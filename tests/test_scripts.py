@@ -129,11 +129,11 @@ def test_sbi_report_checks_the_targets_per_column_and_overall(monkeypatch, tmp_p
     cells = {
         "two_moons/1000/gmm": cell(0.60, 0.62),  # mean 0.61 <= nsf 0.65: met
         "two_moons/1000/nsf": cell(0.64, 0.66),
-        "two_moons/1000/mdn": cell(0.80, 0.80),
         "slcp/1000/gmm": cell(0.90, 0.92),  # mean 0.91 > nsf 0.85: not met
         "slcp/1000/nsf": cell(0.85, 0.85),
         "slcp/1000/mdn": cell(0.95, 0.95, 0.5),  # observation 3 is not in the report
         "slcp/1000/maf": cell(0.5),  # not scored on observation 2 yet: left out
+        "two_moons/1000/mdn": cell(0.80, 0.80, 0.74),  # its anchor is over observations 1-3
     }
     # Runs with other seeds: slcp's GMM and nsf again (seed 1), mdn scored on one observation.
     seeds = {
@@ -147,6 +147,7 @@ def test_sbi_report_checks_the_targets_per_column_and_overall(monkeypatch, tmp_p
     assert "| slcp 1,000 | sbi nsf | 0.850 | 0.950 | 0.900 ± 0.050 |" in text
     assert "| slcp 1,000 | sbi mdn |" not in text
     assert "Targets over seeds 0, 1:" in text
+    assert "anchors (observations 1-3): two_moons 1,000 mdn: 0.792 (this run: 0.780)." in text
     assert "- slcp 1,000: ours best GMM (MDN, ours) 0.860, sbi best sbi nsf 0.900: met." in text
     assert "C2ST mean ± standard error over observations 1-2" in text
     assert "Not yet scored on every observation: slcp/1000/maf (1 of 2)" in text
