@@ -15,16 +15,16 @@ and scored by C2ST against sbibm's reference posterior samples:
   ``"nsf"``; ``"zuko_nsf"``). All take sbi's default z-scoring of theta and x and sbi's default
   training (``NPE.train()``: Adam 5e-4, batch 200, 10 % validation, stop after 20 epochs
   without improvement, gradient norm clipped at 5).
-* **Score**: for observations ``--observations`` (default 1-3; the full protocol is 1-10), draw
-  ``--draws`` (10,000) samples from ``build_posterior()`` (which rejects draws outside the
-  prior's support, for all estimators alike) and compute ``sbibm.metrics.c2st`` against the
-  first ``--draws`` reference samples: the 5-fold cross-validated accuracy of a classifier
-  telling the two sets apart, 0.5 when it cannot. Reported as the mean ± standard error over
-  observations.
+* **Score**: for observations ``--observations`` (default 1-10, the full protocol; ``1-3``
+  for a quicker look), draw ``--draws`` (10,000) samples from ``build_posterior()`` (which
+  rejects draws outside the prior's support, for all estimators alike) and compute
+  ``sbibm.metrics.c2st`` against the first ``--draws`` reference samples: the 5-fold
+  cross-validated accuracy of a classifier telling the two sets apart, 0.5 when it cannot.
+  Reported as the mean ± standard error over observations.
 * **Seconds**: wall clock of ``NPE.train()`` on one torch thread (sampling and C2ST not
   counted); **params**: trainable parameters of the trained estimator.
 
-C2ST is the costly part (10-30 s per observation and estimator on one core): it runs in
+C2ST is the costly part (25-50 s of one core per observation and estimator): it runs in
 ``--jobs`` worker processes (one thread each) while the main process trains the next
 estimator, so training seconds are measured while the workers run. The report gives the share
 of CPU time other processes took while training.
@@ -47,11 +47,10 @@ the protocol for the cells it names; the report sets those records beside the ma
 
 Usage::
 
-    python benchmarks/sbi.py --tag a --tasks two_moons slcp   # part of the run, resumable
+    python benchmarks/sbi.py --tag a --tasks two_moons slcp   # part of the run (hours), resumable
     python benchmarks/sbi.py --tag b --tasks gaussian_mixture
     python benchmarks/sbi.py --report                          # merge and write sbi.{md,png}
-    python benchmarks/sbi.py --observations 1-10               # the full protocol (hours)
-    python benchmarks/sbi.py --report --observations 1-10      # its report
+    python benchmarks/sbi.py --report --observations 1-3       # the same over observations 1-3
     python benchmarks/sbi.py --tag seed1 --seed 1 --tasks slcp --budgets 1000  # a repeat
     python benchmarks/sbi.py --quick --out DIR                 # smoke test, about a minute
 
@@ -656,7 +655,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     parser.add_argument("--estimators", nargs="+", choices=[*OURS, *PEERS], default=[*OURS, *PEERS])
-    parser.add_argument("--observations", type=observations, default=observations("1-3"))
+    parser.add_argument("--observations", type=observations, default=observations("1-10"))
     parser.add_argument("--draws", type=int, default=10_000)
     parser.add_argument("--max-epochs", type=int, default=None, help="default: sbi's (no cap)")
     parser.add_argument("--seed", type=int, default=SEED)
