@@ -400,7 +400,7 @@ def restrict(merged: dict[str, Any], observations: list[int]) -> dict[str, Any]:
         cells[key] = {**record, "c2st": scores}
     seeds = {}
     for key, records in merged.get("seeds", {}).items():
-        kept = {seed: {**r, "c2st": cut(r)} for seed, r in records.items() if cut(r)}
+        kept = {seed: {**r, "c2st": scores} for seed, r in records.items() if (scores := cut(r))}
         if kept:
             seeds[key] = kept
     return {
